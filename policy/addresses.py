@@ -1,0 +1,237 @@
+"""Address ranges: the forbidden-address guard and the network index behind CIDR rules.
+
+DESIGN.md step 6: every address a name resolves to is checked against forbidden ranges
+(loopback, link-local incl. cloud metadata, ...) before it is dialled. IPv6 has several
+ways to carry an IPv4 address that the network will deliver to that IPv4 host (mapped,
+NAT64, 6to4, Teredo); those are judged on the IPv4 they carry, or ``64:ff9b::7f00:1``
+would be a way around a ``127.0.0.0/8`` entry.
+
+Lookups never scan the range list: networks are grouped by prefix length, one dict of
+masked integers per length, so a lookup costs one dict probe per distinct prefix length
+(at most 33 for IPv4, 129 for IPv6) whatever the number of networks.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from .hosts import HostError, parse_host
+
+__all__ = [
+    "DEFAULT_FORBIDDEN",
+    "ForbiddenRanges",
+    "IPAddress",
+    "IPNetwork",
+    "NetworkError",
+    "NetworkIndex",
+    "embedded_ipv4",
+    "network_key",
+    "network_parts",
+    "parse_network",
+]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+V = TypeVar("V")
+
+_M32 = 0xFFFFFFFF
+_BITS = {4: 32, 6: 128}
+
+
+class NetworkError(ValueError):
+    """A network or address entry that is not a valid, canonical CIDR or IP."""
+
+
+NetworkKey = tuple[int, int, int]  # (IP version, network address as int, prefix length)
+
+
+def network_key(network: IPNetwork | str) -> NetworkKey:
+    """The (version, address int, prefix length) of a network or canonical CIDR/IP text.
+
+    Text must be canonical (as produced by `parse_network` or `parse_host`); the IPv4
+    case is split by hand because it is the bulk of large policies.
+    """
+    if not isinstance(network, str):
+        return network.version, int(network.network_address), network.prefixlen
+    address, _, prefix = network.partition("/")
+    if ":" in address:
+        return 6, int(ipaddress.IPv6Address(address)), int(prefix) if prefix else 128
+    a, b, c, d = (int(part) for part in address.split("."))
+    return 4, a << 24 | b << 16 | c << 8 | d, int(prefix) if prefix else 32
+
+
+class NetworkIndex(Generic[V]):
+    """Values attached to networks, found by address without scanning.
+
+    One level per (version, prefix length): a dict from the masked network integer to the
+    values attached to that network, in insertion order. Levels are probed from the most
+    specific prefix to the least.
+    """
+
+    __slots__ = ("_levels",)
+
+    def __init__(self, entries: Iterable[tuple[NetworkKey, V]]) -> None:
+        tables: dict[tuple[int, int], dict[int, list[V]]] = {}
+        for (version, value, plen), item in entries:
+            level = tables.setdefault((version, plen), {})
+            level.setdefault(value, []).append(item)
+        levels: dict[int, list[tuple[int, int, dict[int, tuple[V, ...]]]]] = {4: [], 6: []}
+        for (version, plen), table in tables.items():
+            bits = _BITS[version]
+            mask = ((1 << plen) - 1) << (bits - plen)
+            frozen = {key: tuple(values) for key, values in table.items()}
+            levels[version].append((plen, mask, frozen))
+        self._levels = {
+            version: tuple((mask, table) for _, mask, table in sorted(found, key=lambda t: -t[0]))
+            for version, found in levels.items()
+        }
+
+    def lookup(self, version: int, value: int) -> Iterator[V]:
+        """Values of every network containing the address `value`, most specific first."""
+        for mask, table in self._levels[version]:
+            hit = table.get(value & mask)
+            if hit is not None:
+                yield from hit
+
+    def __bool__(self) -> bool:
+        return bool(self._levels[4] or self._levels[6])
+
+
+# IPv6 prefixes whose addresses carry an IPv4 address the packet is delivered to:
+# (name, prefix value, prefix length, extractor of the embedded IPv4 integer).
+_Embedding = tuple[str, int, int, Callable[[int], int]]
+_EMBEDDINGS: tuple[_Embedding, ...] = (
+    ("IPv4-mapped", 0xFFFF << 32, 96, lambda x: x & _M32),
+    # Deprecated (RFC 4291) but still understood by some stacks; judged to be safe.
+    ("IPv4-compatible", 0, 96, lambda x: x & _M32),
+    ("NAT64", 0x0064FF9B << 96, 96, lambda x: x & _M32),
+    # RFC 6052 /48 layout: IPv4 bits 0-15 in address bits 48-63, bits 16-31 in 72-87
+    # (bits 64-71 are the reserved "u" octet).
+    ("NAT64", 0x0064FF9B0001 << 80, 48, lambda x: ((x >> 64) & 0xFFFF) << 16 | ((x >> 40) & 0xFFFF)),
+    ("6to4", 0x2002 << 112, 16, lambda x: (x >> 80) & _M32),
+    ("Teredo server", 0x20010000 << 96, 32, lambda x: (x >> 64) & _M32),
+    # The Teredo client address is stored inverted (RFC 4380 section 4).
+    ("Teredo client", 0x20010000 << 96, 32, lambda x: (x & _M32) ^ _M32),
+)
+
+
+def embedded_ipv4(ip: IPAddress) -> tuple[tuple[str, ipaddress.IPv4Address], ...]:
+    """The IPv4 addresses an IPv6 address carries, with the name of each embedding."""
+    if ip.version != 6:
+        return ()
+    x = int(ip)
+    return tuple(
+        (name, ipaddress.IPv4Address(extract(x)))
+        for name, prefix, plen, extract in _EMBEDDINGS
+        if x >> (128 - plen) == prefix >> (128 - plen)
+    )
+
+
+@dataclass(frozen=True)
+class ForbiddenRanges:
+    """Networks no identity may reach unless it allows the address explicitly.
+
+    `ranges` holds (network, label) pairs; the label names why the range is forbidden
+    and appears in reasons, e.g. ``"169.254.0.0/16 (link-local)"``.
+    """
+
+    ranges: tuple[tuple[IPNetwork, str], ...]
+    _index: NetworkIndex[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        index = NetworkIndex((network_key(net), f"{net} ({label})") for net, label in self.ranges)
+        object.__setattr__(self, "_index", index)
+
+    def match(self, ip: IPAddress) -> str | None:
+        """The reason `ip` is forbidden (its range and label), or None if it is not."""
+        if ip.version == 6:
+            mapped = ip.ipv4_mapped
+            if mapped is not None:
+                ip = mapped
+        for reason in self._index.lookup(ip.version, int(ip)):
+            return reason
+        if ip.version == 6:
+            x = int(ip)
+            for name, prefix, plen, extract in _EMBEDDINGS:
+                if x >> (128 - plen) == prefix >> (128 - plen):
+                    for reason in self._index.lookup(4, extract(x)):
+                        return f"{reason} embedded in {name} address"
+        return None
+
+    def __len__(self) -> int:
+        return len(self.ranges)
+
+    @classmethod
+    def from_entries(cls, entries: Iterable[tuple[str, str]]) -> ForbiddenRanges:
+        """Build from (network text, label) pairs; raises NetworkError on a bad entry."""
+        return cls(tuple((parse_network(text), label) for text, label in entries))
+
+
+_PREFIX_RE = re.compile(r"0|[1-9][0-9]{0,2}")
+
+
+def parse_network(text: str) -> IPNetwork:
+    """Parse a canonical ``address/prefix`` or a single address (as a /32 or /128).
+
+    The address must be a canonical literal (see parse_host); the network must not have
+    host bits set, so a typo like ``10.0.0.1/24`` is reported instead of being widened.
+    An IPv4-mapped IPv6 network becomes the IPv4 network it denotes, because addresses are
+    compared after unwrapping.
+    """
+    address, slash, prefix = text.partition("/")
+    try:
+        host = parse_host(address)
+    except HostError as err:
+        raise NetworkError(f"not an IP address or CIDR ({err})") from None
+    if host.ip is None:
+        raise NetworkError("not an IP address or CIDR")
+    ip, plen = network_parts(host.ip, address, prefix if slash else None)
+    return ipaddress.ip_network((ip, plen))
+
+
+def network_parts(ip: IPAddress, address: str, prefix: str | None) -> tuple[IPAddress, int]:
+    """Validate a prefix for `ip` (parsed from the text `address`); return (ip, length).
+
+    Raises NetworkError for a malformed or out-of-range prefix, or host bits set.
+    """
+    mapped = ":" in address and ip.version == 4
+    if prefix is None:
+        return ip, ip.max_prefixlen
+    if not _PREFIX_RE.fullmatch(prefix):
+        raise NetworkError("prefix length must be a decimal number")
+    plen = int(prefix)
+    limit = 128 if ":" in address else 32
+    if plen > limit:
+        raise NetworkError(f"prefix length {plen} out of range (0-{limit})")
+    if mapped:
+        if plen < 96:
+            raise NetworkError("IPv4-mapped network must have a prefix length of at least 96")
+        plen -= 96
+    bits = ip.max_prefixlen
+    host_mask = (1 << (bits - plen)) - 1
+    if int(ip) & host_mask:
+        suggestion = ipaddress.ip_network((ip, plen), strict=False)
+        raise NetworkError(f"host bits set; did you mean {suggestion}?")
+    return ip, plen
+
+
+DEFAULT_FORBIDDEN = ForbiddenRanges.from_entries(
+    (
+        ("127.0.0.0/8", "loopback"),
+        ("::1/128", "loopback"),
+        ("169.254.0.0/16", "link-local"),
+        ("fe80::/10", "link-local"),
+        ("fd00:ec2::254/128", "AWS instance metadata"),
+        ("0.0.0.0/8", "unspecified"),
+        ("::/128", "unspecified"),
+        ("224.0.0.0/4", "multicast"),
+        ("ff00::/8", "multicast"),
+        ("255.255.255.255/32", "broadcast"),
+        ("100.64.0.0/10", "shared address space"),
+    )
+)

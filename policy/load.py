@@ -1,0 +1,386 @@
+"""Loading a policy: text -> YAML -> validated raw data -> compiled `Policy`.
+
+Validation collects every problem before failing, so an operator fixes a file in one
+pass. Each problem names the identity and the entry (``allowed_destinations[3] '*a.com'``)
+but refers to API keys only by position (``api_keys[2]``): the message ends up in logs
+and CI output, keys must not. Unknown keys are errors at every level, because a typo
+such as ``allowed_destination`` would otherwise silently allow nothing (or everything).
+Duplicate YAML keys are errors too; PyYAML would silently keep the last one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import re
+import unicodedata
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from .addresses import DEFAULT_FORBIDDEN, ForbiddenRanges, NetworkError, parse_network
+from .destinations import DestinationError, parse_destination
+from .model import MODES, Identity, Policy, PolicyError, Rule, key_digest
+
+__all__ = ["load_policy_file", "load_policy_text"]
+
+TOP_KEYS = ("identities", "settings")
+SETTINGS_KEYS = ("forbidden_ranges",)
+IDENTITY_KEYS = ("api_keys", "allowed_destinations", "mode", "require_tls", "allow_http", "max_tunnels")
+
+# "-" is the identity label of unauthenticated requests in metrics and logs.
+RESERVED_IDENTITY_NAMES = frozenset({"-"})
+MAX_IDENTITY_NAME = 128
+_HASHED_PREFIX = "sha256:"
+_HEX64_RE = re.compile(r"[0-9a-fA-F]{64}")
+_SHOW_LIMIT = 80
+
+
+def load_policy_file(path: str | os.PathLike[str]) -> Policy:
+    """Read, validate and compile a policy file; raise PolicyError with a clear message."""
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise PolicyError(["file not found"], source) from None
+    except IsADirectoryError:
+        raise PolicyError(["is a directory, not a policy file"], source) from None
+    except PermissionError:
+        raise PolicyError(["permission denied"], source) from None
+    except OSError as err:
+        raise PolicyError([f"cannot read: {err.strerror or err}"], source) from None
+    try:
+        # utf-8-sig: editors on some platforms prepend a byte order mark.
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise PolicyError([f"not valid UTF-8 (byte {err.start})"], source) from None
+    return load_policy_text(text, source)
+
+
+def load_policy_text(text: str, source: str = "<policy>") -> Policy:
+    """Validate and compile policy text; raise PolicyError listing every problem."""
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    data, problems = _parse_yaml(text, source)
+    policy = _Compiler(problems).compile(data, digest)
+    if problems or policy is None:
+        raise PolicyError(problems, source)
+    return policy
+
+
+# --- YAML -------------------------------------------------------------------------------
+
+_BaseLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _PolicyLoader(_BaseLoader):  # type: ignore[misc, valid-type]
+    """The safe loader (libyaml when available); duplicate keys are found on its nodes."""
+
+
+def _parse_yaml(text: str, source: str) -> tuple[Any, list[str]]:
+    loader = _PolicyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, []
+        problems = _duplicate_keys(loader, node)
+        return loader.construct_document(node), problems
+    except yaml.MarkedYAMLError as err:
+        raise PolicyError([_yaml_message(err)], source) from None
+    except yaml.YAMLError as err:
+        raise PolicyError([f"invalid YAML: {err}"], source) from None
+    except RecursionError:
+        raise PolicyError(["invalid YAML: nested too deeply"], source) from None
+    finally:
+        loader.dispose()
+
+
+def _yaml_message(err: yaml.MarkedYAMLError) -> str:
+    mark = err.problem_mark or err.context_mark
+    what = ": ".join(part for part in (err.context, err.problem) if part) or "syntax error"
+    what = " ".join(what.split())  # one line, whatever the parser put in its message
+    if mark is None:
+        return f"invalid YAML: {what}"
+    return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {what}"
+
+
+def _duplicate_keys(loader: Any, root: Node) -> list[str]:
+    """Every mapping key that occurs twice in one mapping, with both line numbers."""
+    found: list[tuple[int, str]] = []
+    visited: set[int] = set()
+    stack: list[tuple[Node, tuple[Any, ...]]] = [(root, ())]
+    while stack:
+        node, path = stack.pop()
+        if id(node) in visited:  # aliases share nodes; walk each once
+            continue
+        visited.add(id(node))
+        if isinstance(node, MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                key: Any = None
+                if isinstance(key_node, ScalarNode):
+                    key = loader.construct_object(key_node)
+                    try:
+                        hash(key)
+                    except TypeError:
+                        key = None
+                line = key_node.start_mark.line + 1
+                if key is not None and key in first_line:
+                    found.append((line, _duplicate_message(path, key, first_line[key], line)))
+                elif key is not None:
+                    first_line[key] = line
+                stack.append((value_node, path + (key,)))
+        elif isinstance(node, SequenceNode):
+            for index, item in enumerate(node.value):
+                stack.append((item, path + (index,)))
+    return [message for _, message in sorted(found)]
+
+
+def _duplicate_message(path: tuple[Any, ...], key: Any, first: int, again: int) -> str:
+    lines = f"(lines {first} and {again})"
+    if "api_keys" in path:
+        # Whatever sits under api_keys may be a secret; say where, not what.
+        return f"{_where(path)}: duplicate mapping key {lines}"
+    if path == ("identities",):
+        return f"identities: duplicate identity {_show(key)} {lines}"
+    where = _where(path)
+    return f"{where + ': ' if where else ''}duplicate key {_show(key)} {lines}"
+
+
+def _where(path: tuple[Any, ...]) -> str:
+    if len(path) >= 2 and path[0] == "identities":
+        rest = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path[2:])
+        return f"identity {_show(path[1])}" + (f" {rest.lstrip('.')}" if rest else "")
+    return ".".join(str(p) for p in path)
+
+
+def _show(value: Any) -> str:
+    """A one-line, bounded rendering of a (non-secret) value for messages."""
+    text = repr(value)
+    return text if len(text) <= _SHOW_LIMIT else text[: _SHOW_LIMIT - 3] + "..."
+
+
+_TYPE_NAMES = {
+    type(None): "nothing",
+    dict: "a mapping",
+    list: "a list",
+    str: "a string",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+}
+
+
+def _type_name(value: Any) -> str:
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def _unknown_keys(where: str, raw: Mapping[Any, Any], known: tuple[str, ...]) -> list[str]:
+    problems = []
+    for key in raw:
+        if key in known:
+            continue
+        hint = difflib.get_close_matches(str(key), known, n=1)
+        suggestion = f" (did you mean {hint[0]!r}?)" if hint else f" (expected one of: {', '.join(known)})"
+        problems.append(f"{where}unknown key {_show(key)}{suggestion}")
+    return problems
+
+
+def _bad_text(value: str) -> bool:
+    """Whitespace, control or format characters: invisible in logs, or able to fake a line."""
+    if value.isascii():
+        return any(ch <= " " or ch == "\x7f" for ch in value)
+    return any(ch.isspace() or unicodedata.category(ch)[0] in "CZ" for ch in value)
+
+
+# --- validation and compilation -----------------------------------------------------------
+
+
+class _Compiler:
+    """Turns raw YAML data into a Policy, appending every problem to `problems`."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        # digest -> (identity name, index) of the first key with that digest
+        self.keys: dict[bytes, tuple[str, int]] = {}
+
+    def compile(self, data: Any, digest: str) -> Policy | None:
+        problems = self.problems
+        if data is None:
+            problems.append("policy is empty: expected a mapping with an 'identities' key")
+            return None
+        if not isinstance(data, dict):
+            problems.append(f"policy must be a mapping with an 'identities' key, not {_type_name(data)}")
+            return None
+        problems.extend(_unknown_keys("", data, TOP_KEYS))
+        forbidden = self.settings(data.get("settings"))
+        raw_identities = data.get("identities")
+        if "identities" not in data:
+            problems.append("missing 'identities': the policy defines no identity")
+            return None
+        if not isinstance(raw_identities, dict):
+            problems.append(
+                f"'identities' must be a mapping of identity name to settings, not {_type_name(raw_identities)}"
+            )
+            return None
+        if not raw_identities:
+            problems.append("'identities' is empty: define at least one identity")
+            return None
+        identities = {}
+        for name, raw in raw_identities.items():
+            identity = self.identity(name, raw)
+            if identity is not None:
+                identities[name] = identity
+        if problems:
+            return None
+        key_digests = {d: name for d, (name, _) in self.keys.items()}
+        return Policy(identities=identities, key_digests=key_digests, forbidden=forbidden, digest=digest)
+
+    def settings(self, raw: Any) -> ForbiddenRanges:
+        if raw is None:
+            return DEFAULT_FORBIDDEN
+        if not isinstance(raw, dict):
+            self.problems.append(f"settings: must be a mapping, not {_type_name(raw)}")
+            return DEFAULT_FORBIDDEN
+        self.problems.extend(_unknown_keys("settings: ", raw, SETTINGS_KEYS))
+        if "forbidden_ranges" not in raw:
+            return DEFAULT_FORBIDDEN
+        entries = raw["forbidden_ranges"]
+        if not isinstance(entries, list):
+            self.problems.append(
+                f"settings: forbidden_ranges must be a list of CIDRs or IP addresses ([] disables the guard), "
+                f"not {_type_name(entries)}"
+            )
+            return DEFAULT_FORBIDDEN
+        ranges = []
+        for index, entry in enumerate(entries):
+            where = f"settings: forbidden_ranges[{index}]"
+            if not isinstance(entry, str):
+                self.problems.append(f"{where} {_show(entry)}: must be a string CIDR or IP address")
+                continue
+            try:
+                ranges.append((parse_network(entry), "configured"))
+            except NetworkError as err:
+                self.problems.append(f"{where} {_show(entry)}: {err}")
+        return ForbiddenRanges(tuple(ranges))
+
+    def identity(self, name: Any, raw: Any) -> Identity | None:
+        where = f"identity {_show(name)}: "
+        start = len(self.problems)
+        self.identity_name(name)
+        if not isinstance(raw, dict):
+            self.problems.append(
+                f"{where}must be a mapping with api_keys and allowed_destinations, not {_type_name(raw)}"
+            )
+            return None
+        self.problems.extend(_unknown_keys(where, raw, IDENTITY_KEYS))
+        mode = raw.get("mode", "enforce")
+        if mode not in MODES:
+            self.problems.append(f"{where}mode {_show(mode)}: must be 'enforce' or 'report'")
+        options = {}
+        for option in ("require_tls", "allow_http"):
+            value = raw.get(option, True)
+            if not isinstance(value, bool):
+                self.problems.append(f"{where}{option} {_show(value)}: must be true or false")
+            options[option] = value
+        max_tunnels = raw.get("max_tunnels")
+        # bool is an int subclass in Python; "max_tunnels: yes" is a mistake, not 1.
+        if max_tunnels is not None and (type(max_tunnels) is not int or max_tunnels < 1):
+            self.problems.append(f"{where}max_tunnels {_show(max_tunnels)}: must be a positive integer")
+        elif "max_tunnels" in raw and max_tunnels is None:
+            self.problems.append(f"{where}max_tunnels: must be a positive integer (omit it for no limit)")
+        self.api_keys(name, where, raw)
+        rules = self.destinations(where, raw, report=mode == "report")
+        if len(self.problems) > start:
+            return None
+        return Identity(
+            name=name,
+            mode=mode,
+            require_tls=options["require_tls"],
+            allow_http=options["allow_http"],
+            max_tunnels=max_tunnels,
+            rules=tuple(rules),
+        )
+
+    def identity_name(self, name: Any) -> None:
+        if not isinstance(name, str):
+            self.problems.append(f"identity name {_show(name)}: must be a string")
+        elif not name:
+            self.problems.append("identity name '': must not be empty")
+        elif len(name) > MAX_IDENTITY_NAME:
+            self.problems.append(f"identity name {_show(name)}: longer than {MAX_IDENTITY_NAME} characters")
+        elif _bad_text(name):
+            self.problems.append(f"identity name {_show(name)}: must not contain whitespace or control characters")
+        elif name in RESERVED_IDENTITY_NAMES:
+            self.problems.append(f"identity name {name!r}: reserved for unauthenticated requests")
+
+    def api_keys(self, name: Any, where: str, raw: dict[Any, Any]) -> None:
+        if "api_keys" not in raw:
+            self.problems.append(f"{where}missing api_keys")
+            return
+        keys = raw["api_keys"]
+        if not isinstance(keys, list):
+            # The value is not shown: it may be a key written without the list dash.
+            self.problems.append(f"{where}api_keys must be a list of keys, not {_type_name(keys)}")
+            return
+        if not keys:
+            self.problems.append(f"{where}api_keys is empty: an identity needs at least one key")
+        for index, key in enumerate(keys):
+            label = f"{where}api_keys[{index}]"
+            digest = self.key(label, key)
+            if digest is None:
+                continue
+            seen = self.keys.get(digest)
+            if seen is None:
+                self.keys[digest] = (name, index)
+            elif seen[0] == name:
+                self.problems.append(f"{label}: same key as api_keys[{seen[1]}]")
+            else:
+                self.problems.append(
+                    f"{label}: same key as identity {_show(seen[0])} api_keys[{seen[1]}]; "
+                    f"keys must be unique across identities"
+                )
+
+    def key(self, label: str, key: Any) -> bytes | None:
+        """The stored digest of one api_keys entry, or None after recording a problem."""
+        if not isinstance(key, str):
+            self.problems.append(f"{label}: must be a string, not {_type_name(key)} (quote it in YAML)")
+            return None
+        if not key:
+            self.problems.append(f"{label}: empty key")
+            return None
+        if key.startswith(_HASHED_PREFIX):
+            hexdigits = key[len(_HASHED_PREFIX) :]
+            if not _HEX64_RE.fullmatch(hexdigits):
+                self.problems.append(f"{label}: 'sha256:' must be followed by exactly 64 hex digits")
+                return None
+            return bytes.fromhex(hexdigits)
+        if ":" in key:
+            self.problems.append(f"{label}: contains ':', which a Basic auth username cannot")
+            return None
+        if _bad_text(key):
+            self.problems.append(f"{label}: contains whitespace or control characters")
+            return None
+        return key_digest(key)
+
+    def destinations(self, where: str, raw: dict[Any, Any], report: bool) -> list[Rule]:
+        if "allowed_destinations" not in raw:
+            self.problems.append(f"{where}missing allowed_destinations")
+            return []
+        entries = raw["allowed_destinations"]
+        if not isinstance(entries, list):
+            self.problems.append(f"{where}allowed_destinations must be a list, not {_type_name(entries)}")
+            return []
+        if not entries and not report:
+            # In report mode an empty list is useful: it records everything the workload calls.
+            self.problems.append(f"{where}allowed_destinations is empty: it would deny everything")
+        rules = []
+        for index, entry in enumerate(entries):
+            try:
+                rules.append(parse_destination(entry))
+            except DestinationError as err:
+                self.problems.append(f"{where}allowed_destinations[{index}] {_show(entry)}: {err}")
+        return rules
