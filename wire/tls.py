@@ -1,0 +1,433 @@
+"""Read the TLS ClientHello a client sends through an egress tunnel, and nothing more.
+
+After ``200 Connection established`` the proxy peeks at the first bytes of the tunnel and must
+decide, before forwarding a single byte, which server name the client is about to talk to
+(DESIGN.md steps 8-9). This module is the pure half of that: a function of the bytes received so
+far with exactly three outcomes, in the style of mitmproxy's ClientHello parser:
+
+* ``ClientHello``  -- a complete, well-formed hello; ``length`` says how many input bytes the
+  records carrying it occupy (everything after that belongs to later records);
+* ``NEED_MORE``    -- a prefix of something that may still become a valid hello: read more and
+  call again with *all* bytes so far (the function keeps no state between calls);
+* ``Invalid``      -- not a ClientHello we are willing to judge; ``reason`` is a short fixed text
+  from ``INVALID_REASONS`` (safe to log and to assert on: it never echoes client bytes).
+
+``parse_client_hello`` never raises for any bytes-like input, never answers ``NEED_MORE`` once
+``MAX_HELLO_BYTES`` bytes are buffered, and answers ``Invalid`` as soon as the bytes seen prove
+the hello cannot fit in that cap, so a client cannot make the proxy buffer more than 16 KiB.
+
+The parser is deliberately strict wherever leniency would let a client show the proxy one name
+and the server another: exactly one ``server_name`` extension holding exactly one ``host_name``
+entry, no duplicate extensions, every length consistent. ECH (``encrypted_client_hello``) is
+reported but not decrypted: the SNI returned is the *outer* one, the only one an on-path proxy
+can see; the real name inside is protected from us by design.
+
+No sockets and no gevent here: the caller owns I/O, timeouts and the alert it sends (``alert``).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import ClassVar, Final, final
+
+__all__ = [
+    "ACCESS_DENIED",
+    "CLOSE_NOTIFY",
+    "DECODE_ERROR",
+    "HANDSHAKE_FAILURE",
+    "INTERNAL_ERROR",
+    "INVALID_REASONS",
+    "MAX_HELLO_BYTES",
+    "NEED_MORE",
+    "PROTOCOL_VERSION",
+    "UNRECOGNIZED_NAME",
+    "ClientHello",
+    "Invalid",
+    "NeedMore",
+    "alert",
+    "is_tls_start",
+    "parse_client_hello",
+]
+
+# Cap on everything buffered while waiting for the hello: all records that carry it, record
+# headers included. One maximal record (5 + 2**14 bytes) does not fit on purpose: real hellos
+# are a few hundred bytes (post-quantum key shares bring them to ~1.8 KiB), and the cap is what
+# bounds the memory a silent or hostile client can pin per tunnel.
+MAX_HELLO_BYTES: Final = 16384
+
+# TLS record plaintext may not exceed 2**14 bytes (RFC 8446 section 5.1).
+_MAX_RECORD_PAYLOAD: Final = 2**14
+
+_CONTENT_HANDSHAKE: Final = 22
+_CONTENT_ALERT: Final = 21
+_HANDSHAKE_CLIENT_HELLO: Final = 1
+
+_EXT_SERVER_NAME: Final = 0x0000
+_EXT_ALPN: Final = 0x0010
+_EXT_SUPPORTED_VERSIONS: Final = 0x002B
+_EXT_ENCRYPTED_CLIENT_HELLO: Final = 0xFE0D
+
+# Alert descriptions (RFC 8446 section 6) the proxy may want to send.
+CLOSE_NOTIFY: Final = 0
+HANDSHAKE_FAILURE: Final = 40
+ACCESS_DENIED: Final = 49
+DECODE_ERROR: Final = 50
+PROTOCOL_VERSION: Final = 70
+INTERNAL_ERROR: Final = 80
+UNRECOGNIZED_NAME: Final = 112
+
+_ALERT_LEVEL_FATAL: Final = 2
+
+# Bytes a host name may contain: printable ASCII without space. Anything else (NUL, control
+# characters, UTF-8) cannot be a DNS name and is exactly what confuses a later comparison.
+_HOST_NAME_BYTES: Final = bytes(range(0x21, 0x7F))
+
+_U16 = struct.Struct("!H")
+_EXT_HEADER = struct.Struct("!HH")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientHello:
+    """The parts of a ClientHello the proxy judges or logs."""
+
+    sni: str | None
+    """``host_name`` from the ``server_name`` extension, exactly as sent (ASCII, not lowercased,
+    trailing dot kept; normalizing is the policy's job). None when there is no such extension."""
+    record_version: int
+    """Version field of the first record, e.g. 0x0301."""
+    legacy_version: int
+    """``legacy_version`` (client_version) in the hello body, e.g. 0x0303."""
+    supported_versions: tuple[int, ...]
+    """The ``supported_versions`` extension in client order (GREASE values included); empty
+    when absent, i.e. a client that offers nothing above TLS 1.2."""
+    alpn: tuple[str, ...]
+    """ALPN protocol names, decoded as Latin-1 so that any byte string maps to one text."""
+    has_ech: bool
+    """``encrypted_client_hello`` (0xfe0d) is present: ``sni`` is the outer, public name."""
+    length: int
+    """Input bytes occupied by the records that carried the hello."""
+
+
+@final
+class NeedMore:
+    """More bytes are needed to decide. Use the singleton ``NEED_MORE``."""
+
+    __slots__ = ()
+    _instance: ClassVar[NeedMore | None] = None
+
+    def __new__(cls) -> NeedMore:
+        # One instance, so callers may test with ``is NEED_MORE`` as well as isinstance().
+        if cls._instance is None:
+            cls._instance = object.__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "NEED_MORE"
+
+    def __reduce__(self) -> str:
+        return "NEED_MORE"
+
+
+NEED_MORE: Final = NeedMore()
+
+
+@dataclass(frozen=True, slots=True)
+class Invalid:
+    """The bytes are not a ClientHello the proxy will judge."""
+
+    reason: str
+    """One of ``INVALID_REASONS``."""
+
+
+# Every outcome is a shared constant: the reason set stays closed (tests check it), and the
+# rejection path allocates nothing.
+_NOT_HANDSHAKE = Invalid("not a TLS handshake record")
+_BAD_RECORD_VERSION = Invalid("unsupported record version")
+_BAD_RECORD_LENGTH = Invalid("bad record length")
+_FOREIGN_RECORD = Invalid("non-handshake record inside the hello")
+_NOT_CLIENT_HELLO = Invalid("not a client_hello")
+_TOO_BIG = Invalid(f"hello exceeds {MAX_HELLO_BYTES} bytes")
+_TRUNCATED_HELLO = Invalid("truncated client_hello")
+_BAD_CLIENT_VERSION = Invalid("unsupported client version")
+_BAD_SESSION_ID = Invalid("session_id too long")
+_BAD_CIPHER_SUITES = Invalid("bad cipher_suites length")
+_NO_COMPRESSION = Invalid("no compression methods")
+_EXTENSIONS_MISMATCH = Invalid("extensions length mismatch")
+_TRUNCATED_EXTENSION = Invalid("truncated extension")
+_DUPLICATE_EXTENSION = Invalid("duplicate extension")
+_BAD_SERVER_NAME = Invalid("malformed server_name")
+_SEVERAL_NAMES = Invalid("several server_name entries")
+_BAD_NAME_TYPE = Invalid("unsupported server_name type")
+_BAD_HOST_LENGTH = Invalid("bad host name length")
+_BAD_HOST_BYTES = Invalid("bad host name characters")
+_BAD_ALPN = Invalid("malformed alpn")
+_BAD_SUPPORTED_VERSIONS = Invalid("malformed supported_versions")
+
+INVALID_REASONS: Final = frozenset(
+    invalid.reason
+    for invalid in (
+        _NOT_HANDSHAKE,
+        _BAD_RECORD_VERSION,
+        _BAD_RECORD_LENGTH,
+        _FOREIGN_RECORD,
+        _NOT_CLIENT_HELLO,
+        _TOO_BIG,
+        _TRUNCATED_HELLO,
+        _BAD_CLIENT_VERSION,
+        _BAD_SESSION_ID,
+        _BAD_CIPHER_SUITES,
+        _NO_COMPRESSION,
+        _EXTENSIONS_MISMATCH,
+        _TRUNCATED_EXTENSION,
+        _DUPLICATE_EXTENSION,
+        _BAD_SERVER_NAME,
+        _SEVERAL_NAMES,
+        _BAD_NAME_TYPE,
+        _BAD_HOST_LENGTH,
+        _BAD_HOST_BYTES,
+        _BAD_ALPN,
+        _BAD_SUPPORTED_VERSIONS,
+    )
+)
+
+
+def is_tls_start(first_byte: int) -> bool:
+    """Whether a stream starting with this byte can be TLS (a handshake record)."""
+    return first_byte == _CONTENT_HANDSHAKE
+
+
+def alert(description: int, version: int = 0x0303) -> bytes:
+    """A fatal TLS alert record, e.g. ``alert(ACCESS_DENIED)``.
+
+    Sent in plaintext before any ServerHello, which every client accepts; 0x0303 is the record
+    version TLS 1.3 requires and TLS 1.2 clients take as well.
+    """
+    return struct.pack("!BHHBB", _CONTENT_ALERT, version, 2, _ALERT_LEVEL_FATAL, description)
+
+
+def parse_client_hello(data: bytes | bytearray | memoryview) -> ClientHello | NeedMore | Invalid:
+    """Parse the ClientHello at the start of ``data`` (all bytes received so far).
+
+    Returns ``ClientHello``, ``NEED_MORE`` or ``Invalid``; never raises for bytes-like input.
+    Bytes after the records that carry the hello are ignored (``ClientHello.length`` marks
+    where they start). The result holds no reference to ``data``, so a bytearray buffer can
+    grow again as soon as this returns.
+    """
+    view = memoryview(data)
+    if view.ndim != 1 or view.itemsize != 1 or not view.c_contiguous:
+        view = memoryview(view.tobytes())
+    elif view.format != "B":
+        view = view.cast("B")
+    size = len(view)
+    if size == 0:
+        return NEED_MORE
+    if view[0] != _CONTENT_HANDSHAKE:
+        return _NOT_HANDSHAKE
+
+    # Walk the records, gathering handshake bytes until the whole client_hello message
+    # (4-byte handshake header + body) is in. Every check runs on the bytes available, so a
+    # prefix that already proves the hello bad or oversized is refused without waiting.
+    pos = 0  # start of the current record
+    fragments: list[memoryview] = []  # payloads of the complete records, in order
+    gathered = 0  # handshake bytes in ``fragments``
+    header = b""  # first 4 handshake bytes, while still incomplete
+    needed = -1  # 4 + handshake length, once the handshake header is known
+    while True:
+        if pos + 6 > MAX_HELLO_BYTES:
+            # Another record is needed, and even a 1-byte one would not fit in the cap.
+            return _TOO_BIG
+        available = size - pos
+        if available >= 1 and view[pos] != _CONTENT_HANDSHAKE:
+            # A client may interleave nothing with its hello: an alert, CCS or application
+            # data record here is either a broken client or an attempt to smuggle bytes.
+            return _FOREIGN_RECORD if pos else _NOT_HANDSHAKE
+        if available >= 2 and view[pos + 1] != 3:
+            return _BAD_RECORD_VERSION
+        if available < 5:
+            return NEED_MORE
+        record_length = (view[pos + 3] << 8) | view[pos + 4]
+        if record_length == 0 or record_length > _MAX_RECORD_PAYLOAD:
+            # Zero-length handshake fragments are forbidden (RFC 8446 section 5.1).
+            return _BAD_RECORD_LENGTH
+        record_end = pos + 5 + record_length
+        if record_end > MAX_HELLO_BYTES:
+            return _TOO_BIG
+        payload = view[pos + 5 : min(record_end, size)]
+
+        if needed < 0:
+            header += bytes(payload[: 4 - len(header)])
+            if header and header[0] != _HANDSHAKE_CLIENT_HELLO:
+                return _NOT_CLIENT_HELLO
+            if len(header) == 4:
+                needed = 4 + int.from_bytes(header[1:4], "big")
+        if needed >= 0:
+            # The least the whole hello can take: this record, plus one more record header
+            # if the message does not end inside it.
+            missing = needed - gathered
+            least = record_end
+            if missing > record_length:
+                least += 5 + missing - record_length
+            if least > MAX_HELLO_BYTES:
+                return _TOO_BIG
+
+        if record_end > size:
+            return NEED_MORE
+        fragments.append(payload)
+        gathered += record_length
+        pos = record_end
+        if 0 <= needed <= gathered:
+            break
+
+    if len(fragments) == 1:
+        # The usual case, one record: parse in place without copying.
+        message: bytes | memoryview = fragments[0]
+    else:
+        message = b"".join(fragments)
+    return _parse_body(
+        message,
+        4,
+        needed,
+        record_version=(view[1] << 8) | view[2],
+        length=pos,
+    )
+
+
+def _parse_body(
+    msg: bytes | memoryview, p: int, end: int, *, record_version: int, length: int
+) -> ClientHello | Invalid:
+    """Parse the client_hello body ``msg[p:end]`` (RFC 8446 section 4.1.2, RFC 5246 7.4.1.2).
+
+    The message is complete here, so any length that overruns ``end`` is Invalid, not NEED_MORE.
+    """
+    # legacy_version(2) random(32) legacy_session_id_length(1)
+    if end - p < 35:
+        return _TRUNCATED_HELLO
+    if msg[p] != 3:
+        return _BAD_CLIENT_VERSION
+    legacy_version = (msg[p] << 8) | msg[p + 1]
+    p += 34
+    session_id_length = msg[p]
+    if session_id_length > 32:
+        return _BAD_SESSION_ID
+    p += 1 + session_id_length
+    if p + 2 > end:
+        return _TRUNCATED_HELLO
+    (cipher_suites_length,) = _U16.unpack_from(msg, p)
+    if cipher_suites_length < 2 or cipher_suites_length & 1:
+        return _BAD_CIPHER_SUITES
+    p += 2 + cipher_suites_length
+    if p + 1 > end:
+        return _TRUNCATED_HELLO
+    compression_length = msg[p]
+    if compression_length == 0:
+        return _NO_COMPRESSION
+    p += 1 + compression_length
+    if p > end:
+        return _TRUNCATED_HELLO
+
+    sni: str | None = None
+    alpn: tuple[str, ...] = ()
+    supported_versions: tuple[int, ...] = ()
+    has_ech = False
+    # A hello may end here: SSL 3.0 / early TLS 1.0 clients sent no extensions block at all.
+    if p < end:
+        if p + 2 > end:
+            return _EXTENSIONS_MISMATCH
+        (extensions_length,) = _U16.unpack_from(msg, p)
+        p += 2
+        if p + extensions_length != end:
+            # Trailing bytes after the extensions would be a place to hide a second opinion.
+            return _EXTENSIONS_MISMATCH
+        seen: set[int] = set()
+        while p < end:
+            if end - p < 4:
+                return _TRUNCATED_EXTENSION
+            ext_type, ext_length = _EXT_HEADER.unpack_from(msg, p)
+            p += 4
+            ext_end = p + ext_length
+            if ext_end > end:
+                return _TRUNCATED_EXTENSION
+            if ext_type in seen:
+                # RFC 8446 section 4.2: a duplicate is a protocol error; two server_name
+                # extensions would let the proxy and the server each pick a different one.
+                return _DUPLICATE_EXTENSION
+            seen.add(ext_type)
+            if ext_type == _EXT_SERVER_NAME:
+                result = _parse_server_name(msg, p, ext_end)
+                if isinstance(result, Invalid):
+                    return result
+                sni = result
+            elif ext_type == _EXT_ALPN:
+                result_alpn = _parse_alpn(msg, p, ext_end)
+                if result_alpn is None:
+                    return _BAD_ALPN
+                alpn = result_alpn
+            elif ext_type == _EXT_SUPPORTED_VERSIONS:
+                # u8 length, then u16 versions (the ClientHello form, RFC 8446 4.2.1).
+                if ext_length < 3 or msg[p] != ext_length - 1 or msg[p] & 1:
+                    return _BAD_SUPPORTED_VERSIONS
+                count = msg[p] // 2
+                supported_versions = struct.unpack_from(f"!{count}H", msg, p + 1)
+            elif ext_type == _EXT_ENCRYPTED_CLIENT_HELLO:
+                has_ech = True
+            p = ext_end
+
+    return ClientHello(
+        sni=sni,
+        record_version=record_version,
+        legacy_version=legacy_version,
+        supported_versions=supported_versions,
+        alpn=alpn,
+        has_ech=has_ech,
+        length=length,
+    )
+
+
+def _parse_server_name(msg: bytes | memoryview, p: int, end: int) -> str | Invalid:
+    """The single host_name in a server_name extension body ``msg[p:end]`` (RFC 6066 section 3)."""
+    if end - p < 2:
+        return _BAD_SERVER_NAME
+    (list_length,) = _U16.unpack_from(msg, p)
+    p += 2
+    if p + list_length != end or list_length < 3:
+        return _BAD_SERVER_NAME
+    # The name type decides how the rest of the entry is laid out, so it is checked first.
+    # Only host_name (0) was ever defined; OpenSSL refuses any other type the same way.
+    if msg[p] != 0:
+        return _BAD_NAME_TYPE
+    (name_length,) = _U16.unpack_from(msg, p + 1)
+    p += 3
+    if p + name_length > end:
+        return _BAD_SERVER_NAME
+    if p + name_length < end:
+        # RFC 6066 allows one name per type and host_name is the only type, so a second entry
+        # is either garbage or a second name for the proxy and the server to disagree on.
+        return _SEVERAL_NAMES
+    if name_length == 0 or name_length > 255:
+        return _BAD_HOST_LENGTH
+    host = bytes(msg[p:end])
+    # translate() deletes every allowed byte in C; anything left over is a forbidden byte.
+    if host.translate(None, _HOST_NAME_BYTES):
+        return _BAD_HOST_BYTES
+    return host.decode("ascii")
+
+
+def _parse_alpn(msg: bytes | memoryview, p: int, end: int) -> tuple[str, ...] | None:
+    """ALPN protocol names in ``msg[p:end]`` (RFC 7301 section 3.1), or None if malformed."""
+    if end - p < 2:
+        return None
+    (list_length,) = _U16.unpack_from(msg, p)
+    p += 2
+    if p + list_length != end or list_length == 0:
+        return None
+    names = []
+    while p < end:
+        name_length = msg[p]
+        p += 1
+        # Empty names are forbidden; a name running past the list is a length lie.
+        if name_length == 0 or p + name_length > end:
+            return None
+        names.append(bytes(msg[p : p + name_length]).decode("latin-1"))
+        p += name_length
+    return tuple(names)
