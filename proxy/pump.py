@@ -1,0 +1,247 @@
+"""The byte pump: copy a tunnel's two directions until both end.
+
+Shape from gevent's portforwarder example: one greenlet per direction, joined by the
+handler (returning would close the sockets). An end-of-stream in one direction is
+passed on as a half-close (`shutdown(SHUT_WR)`) so protocols that signal "done
+sending" by closing their write side keep working; the tunnel ends when both
+directions have ended, on an error in either, or after `idle_timeout` seconds with
+no bytes in either direction.
+
+Memory: no per-tunnel buffers. `recv()` returns a right-sized bytes object that lives
+only until it is sent, so an idle tunnel holds no payload memory.
+
+Speed: a direction that turns out to carry bulk data (a read fills a whole chunk)
+switches to `os.splice` through a pipe taken from a small pool, so the kernel moves
+the bytes without copying them through Python. splice is detected at run time (it is
+Linux-only and sandboxed kernels may refuse it); without it, the recv/send loop
+carries everything. Pipes are pooled because creating two fds per tunnel costs more
+than short tunnels gain.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import time
+
+import select
+
+import gevent
+import gevent.select
+from gevent.socket import wait_read, wait_write
+
+CHUNK = 65536
+SPLICE_CHUNK = 1 << 20
+PIPE_SIZE = 1 << 20
+PIPE_POOL_LIMIT = 32
+_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, missing from older Pythons' fcntl
+
+
+class Traffic:
+    """Byte counts and the time of the last byte, shared by both directions."""
+
+    __slots__ = ("upstream", "downstream", "last", "idle")
+
+    def __init__(self) -> None:
+        self.upstream = 0
+        self.downstream = 0
+        self.last = time.monotonic()
+        self.idle = False
+
+    def add(self, is_upstream: bool, count: int) -> None:
+        self.last = time.monotonic()
+        if is_upstream:
+            self.upstream += count
+        else:
+            self.downstream += count
+
+
+class Pipes:
+    """A pool of kernel pipes for splice; `None` from take() means use recv/send."""
+
+    def __init__(self, limit: int = PIPE_POOL_LIMIT) -> None:
+        self.limit = limit
+        self.free: list[tuple[int, int]] = []
+        self.enabled = hasattr(os, "splice") and self._probe()
+
+    @staticmethod
+    def _probe() -> bool:
+        """Can this kernel splice socket -> pipe -> socket? (seccomp may say no)."""
+        try:
+            a, b = socket.socketpair()
+            r, w = os.pipe()
+        except OSError:
+            return False
+        try:
+            a.sendall(b"x")
+            flags = os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE
+            moved = os.splice(b.fileno(), w, 1, flags=flags)
+            return moved == 1 and os.splice(r, a.fileno(), 1, flags=flags) == 1 and b.recv(1) == b"x"
+        except OSError:
+            return False
+        finally:
+            for fd in (r, w):
+                os.close(fd)
+            a.close()
+            b.close()
+
+    def take(self) -> tuple[int, int] | None:
+        if not self.enabled:
+            return None
+        if self.free:
+            return self.free.pop()
+        try:
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None  # out of fds: the copy loop still works
+        try:
+            import fcntl
+
+            fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass  # a smaller default pipe still works, just with more wakeups
+        return r, w
+
+    def give(self, pipe: tuple[int, int], empty: bool) -> None:
+        """Return a pipe; one that may hold stray bytes is closed, never reused."""
+        if empty and len(self.free) < self.limit:
+            self.free.append(pipe)
+        else:
+            for fd in pipe:
+                os.close(fd)
+
+
+PIPES = Pipes()
+
+
+def abort(*socks: socket.socket) -> None:
+    """Stop both directions now: a blocked read on either socket returns at once."""
+    for sock in socks:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def relay(client: socket.socket, upstream: socket.socket, traffic: Traffic, idle_timeout: float) -> None:
+    """Pump until both directions end; counts go into `traffic`."""
+    timeout = idle_timeout or None
+    client.settimeout(timeout)
+    upstream.settimeout(timeout)
+    down = gevent.spawn(_copy, upstream, client, traffic, False, idle_timeout)
+    try:
+        _copy(client, upstream, traffic, True, idle_timeout)
+        down.join()
+    finally:
+        if not down.dead:
+            abort(client, upstream)
+            down.join(timeout=1)
+            down.kill(block=False)
+
+
+def readable(socks: list[socket.socket], timeout: float) -> list[socket.socket]:
+    """The sockets with something to read (data or EOF) within `timeout` seconds.
+
+    poll, not select: select() cannot watch descriptors above 1023, and a busy proxy
+    has thousands open.
+    """
+    poller = gevent.select.poll()
+    for sock in socks:
+        poller.register(sock.fileno(), select.POLLIN)
+    ready = {fd for fd, _ in poller.poll(timeout * 1000)}
+    return [sock for sock in socks if sock.fileno() in ready]
+
+
+class _Idle(Exception):
+    pass
+
+
+def _copy(source: socket.socket, sink: socket.socket, traffic: Traffic, is_upstream: bool,
+          idle_timeout: float) -> None:
+    try:
+        if _recv_send(source, sink, traffic, is_upstream, idle_timeout):
+            _splice(source, sink, traffic, is_upstream, idle_timeout)
+    except _Idle:
+        traffic.idle = True
+        abort(source, sink)
+        return
+    except OSError:
+        # A reset or a closed peer ends the whole tunnel, both ways.
+        abort(source, sink)
+        return
+    try:
+        sink.shutdown(socket.SHUT_WR)
+    except OSError:
+        abort(source, sink)
+
+
+def _quiet(traffic: Traffic, idle_timeout: float) -> bool:
+    """Only idle if the *other* direction was quiet too."""
+    return time.monotonic() - traffic.last >= idle_timeout
+
+
+def _recv_send(source: socket.socket, sink: socket.socket, traffic: Traffic, is_upstream: bool,
+               idle_timeout: float, upgrade: bool = True) -> bool:
+    """Copy with recv/sendall; True when the stream looks bulk and splice can take over."""
+    recv, sendall = source.recv, sink.sendall
+    bulk_ok = upgrade and PIPES.enabled
+    while True:
+        try:
+            data = recv(CHUNK)
+        except socket.timeout:
+            if _quiet(traffic, idle_timeout):
+                raise _Idle from None
+            continue
+        if not data:
+            return False
+        sendall(data)
+        traffic.add(is_upstream, len(data))
+        if bulk_ok and len(data) == CHUNK:
+            return True
+
+
+def _splice(source: socket.socket, sink: socket.socket, traffic: Traffic, is_upstream: bool,
+            idle_timeout: float) -> None:
+    pipe = PIPES.take()
+    if pipe is None:
+        _recv_send(source, sink, traffic, is_upstream, idle_timeout, upgrade=False)
+        return
+    r, w = pipe
+    src, dst = source.fileno(), sink.fileno()
+    flags = os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE
+    wait = idle_timeout or None
+    pending = 0
+    spliced = False
+    try:
+        while True:
+            try:
+                moved = os.splice(src, w, SPLICE_CHUNK, flags=flags)
+            except BlockingIOError:
+                try:
+                    wait_read(src, timeout=wait, timeout_exc=socket.timeout)
+                except socket.timeout:
+                    if _quiet(traffic, idle_timeout):
+                        raise _Idle from None
+                continue
+            if moved == 0:
+                return
+            pending = moved
+            while pending:
+                try:
+                    pending -= os.splice(r, dst, pending, flags=flags)
+                except BlockingIOError:
+                    try:
+                        wait_write(dst, timeout=wait, timeout_exc=socket.timeout)
+                    except socket.timeout:
+                        if _quiet(traffic, idle_timeout):
+                            raise _Idle from None
+            traffic.add(is_upstream, moved)
+            spliced = True
+    except OSError as error:
+        if error.errno != errno.EINVAL or spliced or pending:
+            raise
+        # This pair of sockets cannot splice (seen on some sandboxed kernels): copy instead.
+        _recv_send(source, sink, traffic, is_upstream, idle_timeout, upgrade=False)
+    finally:
+        PIPES.give(pipe, empty=pending == 0)
