@@ -61,7 +61,7 @@ def explain(path: str, key: str, dest: str, sni: str | None) -> int:
     rule = next((d.rule for d in checks if d.rule is not None), None)
     refused = next((d for d in checks if not d.allowed), None)
     reported = next((d for d in checks if d.status == "reported"), None)
-    lines = ["denied" if refused else "allowed", f"identity: {identity.name}"]
+    lines = ["denied" if refused is not None else "allowed", f"identity: {identity.name}"]
     if refused is not None:
         lines.append(f"reason: {refused.reason}")
     elif reported is not None:
@@ -70,7 +70,7 @@ def explain(path: str, key: str, dest: str, sni: str | None) -> int:
         lines.append(f"rule: {rule.text}")
     lines += [f"note: {note}" for note in notes]
     print("\n".join(lines))
-    return 1 if refused else 0
+    return 1 if refused is not None else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

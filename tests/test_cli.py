@@ -1,0 +1,129 @@
+"""The command line, run as a user runs it: `python egress_guard.py ...` in a subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FULL = ROOT / "tests" / "fixtures" / "policies" / "full.yaml"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "egress_guard.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_help_lists_commands_and_every_environment_variable() -> None:
+    result = cli("--help")
+    assert result.returncode == 0
+    for word in ("check-policy", "explain", "serve", "--version"):
+        assert word in result.stdout
+    from proxy.settings import defaults_table
+
+    for variable, default, _ in defaults_table():
+        line = next(line for line in result.stdout.splitlines() if line.strip().startswith(variable + " "))
+        assert default in line
+
+
+def test_version() -> None:
+    result = cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("egress-guard ")
+
+
+def test_check_policy_ok_prints_a_summary() -> None:
+    result = cli("check-policy", "egress-policy.yaml")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "egress-policy.yaml: ok: 3 identities, 6 API keys, 7 destinations"
+
+
+BAD_POLICIES = [
+    ("missing-file", None, "file not found"),
+    ("bad-yaml", "identities: [unclosed\n", "invalid YAML at line"),
+    ("no-identities", "settings: {}\n", "identities"),
+    ("identity-without-keys", "identities:\n  web:\n    allowed_destinations: [a.example]\n", "web"),
+    ("bad-destination", "identities:\n  web:\n    api_keys: [k1]\n    allowed_destinations: ['a.*.b']\n", "a.*.b"),
+    ("cidr-33", "identities:\n  web:\n    api_keys: [k1]\n    allowed_destinations: ['10.0.0.0/33']\n", "10.0.0.0/33"),
+    ("url", "identities:\n  web:\n    api_keys: [k1]\n    allowed_destinations: ['https://a.example']\n", "https://a.example"),
+    ("unknown-field", "identities:\n  web:\n    api_keys: [k1]\n    allowed_destination: [a.example]\n", "allowed_destination"),
+    ("not-a-mapping", "- just\n- a list\n", "mapping"),
+]
+
+
+@pytest.mark.parametrize("text,words", [c[1:] for c in BAD_POLICIES], ids=[c[0] for c in BAD_POLICIES])
+def test_check_policy_refuses_bad_files(tmp_path: Path, text: str | None, words: str) -> None:
+    path = tmp_path / "policy.yaml"
+    if text is not None:
+        path.write_text(text)
+    result = cli("check-policy", str(path))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines and all(line.startswith(f"{path}: ") for line in lines)
+    assert words.lower() in result.stderr.lower()
+
+
+def test_check_policy_names_both_identities_never_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "identities:\n"
+        "  alpha:\n    api_keys: [shared-secret-key-xyz]\n    allowed_destinations: [a.example]\n"
+        "  beta:\n    api_keys: [shared-secret-key-xyz]\n    allowed_destinations: ['*', b.example]\n"
+    )
+    result = cli("check-policy", str(path))
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 2  # one line per problem
+    assert "alpha" in result.stderr and "beta" in result.stderr
+    assert "shared-secret-key-xyz" not in result.stderr + result.stdout
+
+
+EXPLAIN = [
+    # (name, args, exit code, lines that must appear)
+    ("allowed-exact", ["--key", "web-key-1", "--dest", "api.example.com:443"], 0,
+     ["allowed", "identity: web", "rule: api.example.com"]),
+    ("allowed-wildcard", ["--key", "web-key-1", "--dest", "img.cdn.example.com:443"], 0,
+     ["allowed", "rule: *.cdn.example.com"]),
+    ("allowed-hashed-key", ["--key", "hashed-secret-1", "--dest", "api.example.com:443"], 0, ["allowed", "identity: web"]),
+    ("denied-destination", ["--key", "web-key-1", "--dest", "evil.example.com:443"], 1,
+     ["denied", "identity: web", "reason: destination not allowed"]),
+    ("denied-port", ["--key", "web-key-1", "--dest", "pay.example.com:8443"], 1, ["denied"]),
+    ("unknown-key", ["--key", "nobody", "--dest", "api.example.com:443"], 1, ["denied", "reason: unknown API key"]),
+    ("sni-mismatch", ["--key", "web-key-1", "--dest", "api.example.com:443", "--sni", "evil.example.com"], 1,
+     ["denied", "reason: sni does not match target"]),
+    ("sni-match", ["--key", "web-key-1", "--dest", "api.example.com:443", "--sni", "API.example.com"], 0, ["allowed"]),
+    ("ip-in-cidr", ["--key", "web-key-1", "--dest", "10.0.0.7:5432"], 0, ["allowed", "rule: 10.0.0.0/24:5432"]),
+    ("forbidden-address", ["--key", "web-key-1", "--dest", "127.0.0.1:443"], 1, ["denied"]),
+    ("metadata-allowed-explicitly", ["--key", "batch-key-1", "--dest", "169.254.169.254:80"], 0, ["allowed"]),
+    ("report-mode", ["--key", "canary-key-1", "--dest", "other.example.com:443"], 0,
+     ["allowed", "identity: canary", "reason: report mode lets it through"]),
+]
+
+
+@pytest.mark.parametrize("args,code,lines", [c[1:] for c in EXPLAIN], ids=[c[0] for c in EXPLAIN])
+def test_explain(args: list[str], code: int, lines: list[str]) -> None:
+    result = cli("explain", str(FULL), *args)
+    assert result.returncode == code, result.stdout + result.stderr
+    for line in lines:
+        assert any(out.startswith(line) for out in result.stdout.splitlines()), (line, result.stdout)
+    key = args[args.index("--key") + 1]
+    assert key not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("dest", ["2130706433:443", "a.example:0", "user@a.example:443", "[::1:443"])
+def test_explain_bad_destination_is_exit_2(dest: str) -> None:
+    result = cli("explain", str(FULL), "--key", "web-key-1", "--dest", dest)
+    assert result.returncode == 2
+    assert "invalid --dest" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_explain_bad_policy_is_exit_2(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text("identities: {}\n")
+    result = cli("explain", str(path), "--key", "k", "--dest", "a.example:443")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
