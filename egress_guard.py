@@ -40,13 +40,14 @@ from proxy import forward as forwarding
 from proxy.admin import admin_app
 from proxy.dial import Address, Resolver, dial, load_hosts_file, system_resolver, unwrap
 from proxy.errors import ESTABLISHED, Refusal, auth_required, response
-from proxy.observe import UNAUTHENTICATED, Metrics, configure_logging
+from proxy.observe import UNAUTHENTICATED, Events, Metrics, configure_logging
 from proxy.pump import Traffic, abort, readable, relay
 from proxy.settings import Settings, SettingsError
 from wire import http, tls
 
 __version__ = cli.__version__
 log = logging.getLogger("egress_guard")
+events = Events(log)
 
 
 # ---------------------------------------------------------------------------
@@ -267,6 +268,10 @@ class EgressGuard:
             except OSError as error:
                 log.debug("client connection error", extra={"client": peer, "error": str(error)})
                 return
+            except Exception:  # noqa: BLE001 - a bug ends this connection, never the server
+                log.exception("internal error while handling a connection",
+                              extra={"client": peer, "identity": attempt.identity, "destination": attempt.destination})
+                return
 
     def _refuse(self, client: socket.socket, attempt: Attempt, refusal: Refusal) -> None:
         self.record(attempt, refusal.word, refusal.message, error=refusal.error)
@@ -447,7 +452,7 @@ class EgressGuard:
         """Count and log one decision."""
         host = attempt.host.name if attempt.host is not None else ""
         self.metrics.count_request(attempt.identity, host, status)
-        if log.isEnabledFor(level):
+        if events.enabled(level):
             fields = {
                 "client": attempt.client,
                 "method": attempt.method,
@@ -464,7 +469,7 @@ class EgressGuard:
                 fields["rule"] = attempt.rule
             if error is not None:
                 fields["error"] = error
-            log.log(level, "request", extra=fields)
+            events.write(level, "request", fields)
 
     def tunnel_closed(self, tunnel: Tunnel) -> None:
         traffic = tunnel.traffic
@@ -472,8 +477,8 @@ class EgressGuard:
         self.metrics.tunnel_duration.observe(duration)
         self._flush_bytes(tunnel)
         ended_by = "idle timeout" if traffic.idle and tunnel.ended_by == "closed" else tunnel.ended_by
-        if log.isEnabledFor(logging.INFO):
-            log.info("tunnel closed", extra={
+        if events.enabled(logging.INFO):
+            events.write(logging.INFO, "tunnel closed", {
                 "identity": tunnel.identity,
                 "destination": tunnel.destination,
                 "bytes_up": traffic.upstream,
@@ -682,8 +687,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as error:
         log.error(f"bad setting: {error}")
         return 1
-    configure_logging(settings.log_level)
-    return serve(settings)
+    handler = configure_logging(settings.log_level, buffered=True).handlers[0]
+    flusher = gevent.spawn(handler.flush_every, 0.2)
+    try:
+        return serve(settings)
+    finally:
+        flusher.kill()
+        handler.flush()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,75 @@
+"""Metrics label bounding and the JSON log lines (fast path and logger path agree)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+from prometheus_client import CollectorRegistry
+
+from proxy.observe import DESTINATION_LABEL_LIMIT, OTHER_DESTINATION, UNAUTHENTICATED, Events, Metrics, configure_logging
+
+
+def samples(registry: CollectorRegistry, name: str) -> dict[tuple, float]:
+    return {
+        tuple(sorted(sample.labels.items())): sample.value
+        for family in registry.collect()
+        for sample in family.samples
+        if sample.name == name
+    }
+
+
+def test_unauthenticated_requests_carry_no_client_chosen_label() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    for i in range(50):
+        metrics.count_request(UNAUTHENTICATED, f"random-{i}.example", "auth_required")
+    series = samples(registry, "egress_proxy_requests_total")
+    assert series == {(("destination", ""), ("identity", "-"), ("status", "auth_required")): 50.0}
+
+
+def test_destinations_per_identity_are_capped_then_other() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    for i in range(DESTINATION_LABEL_LIMIT + 40):
+        metrics.count_request("web", f"host-{i}.example", "denied")
+    metrics.count_request("web", "host-0.example", "allowed")  # a known value keeps its label
+    series = samples(registry, "egress_proxy_requests_total")
+    destinations = {dict(labels)["destination"] for labels in series}
+    assert len(destinations) == DESTINATION_LABEL_LIMIT + 1
+    assert series[(("destination", OTHER_DESTINATION), ("identity", "web"), ("status", "denied"))] == 40.0
+    assert series[(("destination", "host-0.example"), ("identity", "web"), ("status", "allowed"))] == 1.0
+
+
+def test_policy_loaded_drops_vanished_identities() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.policy_loaded({"a": 2, "b": 3})
+    metrics.policy_loaded({"b": 4})
+    assert samples(registry, "egress_proxy_allowed_destinations") == {(("identity", "b"),): 4.0}
+
+
+def test_fast_path_and_logger_path_write_the_same_shape() -> None:
+    stream = io.StringIO()
+    logger = configure_logging(logging.INFO, stream, buffered=True)
+    fields = {"identity": "web", "destination": "a.example:443", "action": "allowed", "reason": "ok"}
+    Events(logger).write(logging.INFO, "request", fields)
+    logger.info("request", extra=fields)
+    Events(logger).write(logging.DEBUG, "hidden", fields)  # below LOG_LEVEL: nothing
+    fast, slow = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert fast.keys() == slow.keys()
+    assert list(fast)[:3] == ["timestamp", "level", "message"]
+    assert {k: v for k, v in fast.items() if k != "timestamp"} == {k: v for k, v in slow.items() if k != "timestamp"}
+    assert fast["timestamp"].endswith("+00:00") and "T" in fast["timestamp"]
+
+
+def test_exceptions_keep_their_traceback() -> None:
+    stream = io.StringIO()
+    logger = configure_logging(logging.INFO, stream, buffered=True)
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        logger.exception("failed", extra={"identity": "web"})
+    line = json.loads(stream.getvalue())
+    assert line["level"] == "ERROR" and "RuntimeError: boom" in line["exc_info"] and line["identity"] == "web"
