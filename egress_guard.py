@@ -41,7 +41,7 @@ from proxy.admin import admin_app
 from proxy.dial import Address, Resolver, dial, load_hosts_file, system_resolver, unwrap
 from proxy.errors import ESTABLISHED, Refusal, auth_required, response
 from proxy.observe import UNAUTHENTICATED, Events, Metrics, configure_logging
-from proxy.pump import Traffic, abort, readable, relay
+from proxy.pump import Traffic, abort, has_input, relay, wait_readable
 from proxy.settings import Settings, SettingsError
 from wire import http, tls
 
@@ -304,6 +304,15 @@ class EgressGuard:
             tunnel = Tunnel(identity.name, key, request.host, request.port, address, client, upstream, slot)
             client.sendall(ESTABLISHED)
             first = self.first_bytes(client, upstream, buffered, identity, attempt, tunnel)
+            if first is not None and self.policy is not current:
+                # A reload landed while we resolved, dialled or waited for the hello:
+                # revocation only sees open tunnels, so judge this one again now.
+                why = self.still_allowed(self.policy, tunnel)
+                if why is not None:
+                    self.record(attempt, "denied", f"policy reloaded while connecting: {why}")
+                    if tunnel.tls:
+                        self._send_alert(client, tls.ACCESS_DENIED, first)
+                    first = None
         finally:
             if first is None:
                 if tunnel is not None:
@@ -385,7 +394,10 @@ class EgressGuard:
         if not buffered and not identity.require_tls:
             # Server-speaks-first protocols (SMTP, MySQL...) send nothing from the
             # client until greeted: do not wait for a hello that will never come.
-            if client not in readable([client, upstream], self.settings.hello_timeout):
+            # Whichever side speaks first wakes us; only client bytes are peeked, so a
+            # client that does send a ClientHello is still judged on it.
+            wait_readable([client, upstream], self.settings.hello_timeout)
+            if not has_input(client):
                 tunnel.tls = False
                 self._note(attempt, policy.decide_plaintext(identity))
                 return b""
@@ -534,14 +546,14 @@ class EgressGuard:
         # one long stall left (measured ~100 ms at 100k destinations; ~15 ms without).
         gc.disable()
         try:
-            fresh = gevent.get_hub().threadpool.apply(policy.load_policy_file, (path,))
-        except PolicyError as error:
-            self.metrics.load_errors.inc()
-            log.error("policy reload failed; keeping the last good policy",
-                      extra={"path": path, "trigger": why, "error": str(error)})
-            return False
+            fresh = gevent.get_hub().threadpool.apply(_load_quietly, (path,))
         finally:
             gc.enable()
+        if isinstance(fresh, PolicyError):
+            self.metrics.load_errors.inc()
+            log.error("policy reload failed; keeping the last good policy",
+                      extra={"path": path, "trigger": why, "error": str(fresh)})
+            return False
         self.policy = fresh
         # Long-lived snapshot objects leave the collector's generations, so later full
         # collections do not rescan a large policy (they are still freed by refcount).
@@ -603,9 +615,19 @@ class EgressGuard:
             log.warning("shutdown timeout: closing remaining connections",
                         extra={"connections": len(self.connections), "tunnels": len(self.tunnels)})
             for tunnel in list(self.tunnels):
-                tunnel.close("shutdown")
-            self.connections.join(timeout=2)
+                tunnel.close("shutdown")  # pumps end and log their summary
+            self.connections.join(timeout=0.5)
+            # Whatever is left is mid-handshake (reading a head or a hello): end it.
             self.connections.kill(block=True, timeout=2)
+
+
+def _load_quietly(path: str) -> Policy | PolicyError:
+    """Runs in the thread pool: a PolicyError is returned, not raised, because gevent
+    prints a traceback for every exception that leaves a pool thread."""
+    try:
+        return policy.load_policy_file(path)
+    except PolicyError as error:
+        return error
 
 
 # ---------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import policy
 from policy import Decision, Identity, Policy
 from policy.hosts import Host
 from proxy.errors import Refusal, response
-from proxy.pump import abort, readable
+from proxy.pump import abort, wait_readable
 from wire import http
 
 log = logging.getLogger("egress_guard.forward")
@@ -609,10 +609,10 @@ def next_request_started(guard: Any, client: socket.socket) -> bool:
         if remaining <= 0:
             return False
         try:
-            ready = readable([client], min(remaining, 0.5))
+            ready = wait_readable([client], min(remaining, 0.5))
         except OSError:
             return False
-        if ready:
+        if ready is not None:
             return True  # bytes, or an orderly close the handler will see as such
     return False
 

@@ -25,10 +25,8 @@ import os
 import socket
 import time
 
-import select
-
 import gevent
-import gevent.select
+from gevent.hub import Waiter
 from gevent.socket import wait_read, wait_write
 
 CHUNK = 65536
@@ -140,17 +138,45 @@ def relay(client: socket.socket, upstream: socket.socket, traffic: Traffic, idle
             down.kill(block=False)
 
 
-def readable(socks: list[socket.socket], timeout: float) -> list[socket.socket]:
-    """The sockets with something to read (data or EOF) within `timeout` seconds.
+def wait_readable(socks: list[socket.socket], timeout: float) -> socket.socket | None:
+    """The first of `socks` with something to read (data or EOF) within `timeout`
+    seconds, or None.
 
-    poll, not select: select() cannot watch descriptors above 1023, and a busy proxy
-    has thousands open.
+    One io watcher per socket and a timer, all feeding one Waiter: gevent's poll()
+    and select() emulations cost about a millisecond per call, and select() cannot
+    watch descriptors above 1023.
     """
-    poller = gevent.select.poll()
-    for sock in socks:
-        poller.register(sock.fileno(), select.POLLIN)
-    ready = {fd for fd, _ in poller.poll(timeout * 1000)}
-    return [sock for sock in socks if sock.fileno() in ready]
+    hub = gevent.get_hub()
+    waiter = Waiter(hub)
+    watchers = []
+    try:
+        for sock in socks:
+            watcher = hub.loop.io(sock.fileno(), 1)
+            watcher.start(waiter.switch, sock)
+            watchers.append(watcher)
+        timer = hub.loop.timer(timeout)
+        timer.start(waiter.switch, None)
+        watchers.append(timer)
+        return waiter.get()
+    finally:
+        for watcher in watchers:
+            watcher.stop()
+            watcher.close()
+
+
+def has_input(sock: socket.socket) -> bool:
+    """Is there data (or an EOF) to read right now? Never blocks."""
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+        return True
+    except (BlockingIOError, socket.timeout):
+        return False
+    except OSError:
+        return True  # an error is something to read: the next recv reports it
+    finally:
+        sock.settimeout(timeout)
 
 
 class _Idle(Exception):
