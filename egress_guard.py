@@ -41,7 +41,7 @@ from proxy.admin import admin_app
 from proxy.dial import Address, Resolver, dial, load_hosts_file, system_resolver, unwrap
 from proxy.errors import ESTABLISHED, Refusal, auth_required, response
 from proxy.observe import UNAUTHENTICATED, Events, Metrics, configure_logging
-from proxy.pump import Traffic, abort, has_input, relay, wait_readable
+from proxy.pump import Traffic, abort, has_input, relay, send_all, wait_readable
 from proxy.settings import Settings, SettingsError
 from wire import http, tls
 
@@ -302,7 +302,7 @@ class EgressGuard:
         try:
             upstream, address = self.resolve_and_dial(current, identity, attempt)
             tunnel = Tunnel(identity.name, key, request.host, request.port, address, client, upstream, slot)
-            client.sendall(ESTABLISHED)
+            send_all(client, ESTABLISHED)
             first = self.first_bytes(client, upstream, buffered, identity, attempt, tunnel)
             if first is not None and self.policy is not current:
                 # A reload landed while we resolved, dialled or waited for the hello:
@@ -445,7 +445,7 @@ class EgressGuard:
         self.metrics.active_tunnels.inc()
         try:
             if first:
-                tunnel.upstream.sendall(first)
+                send_all(tunnel.upstream, first)
                 tunnel.traffic.add(True, len(first))
             relay(tunnel.client, tunnel.upstream, tunnel.traffic, self.settings.idle_timeout)
         except OSError:

@@ -258,7 +258,13 @@ def configure_logging(level: int, stream: Any = None, *, buffered: bool = False)
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    stream = stream or sys.stdout
+    if stream is None:
+        stream = sys.stdout
+        if buffered:
+            # Our own block-buffered writer on fd 1: PYTHONUNBUFFERED (common in
+            # container images) would otherwise turn every line into a write syscall.
+            sys.stdout.flush()
+            stream = open(sys.stdout.fileno(), "w", buffering=1 << 16, encoding="utf-8", closefd=False)
     handler = BufferedStreamHandler(stream) if buffered else logging.StreamHandler(stream)
     handler.setFormatter(
         _Formatter(

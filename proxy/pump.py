@@ -113,6 +113,14 @@ class Pipes:
 PIPES = Pipes()
 
 
+def send_all(sock: socket.socket, data: bytes) -> None:
+    """sendall() without its per-call SO_SNDBUF lookup in the common case where one
+    send() takes everything."""
+    sent = sock.send(data)
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])
+
+
 def abort(*socks: socket.socket) -> None:
     """Stop both directions now: a blocked read on either socket returns at once."""
     for sock in socks:
@@ -210,7 +218,7 @@ def _quiet(traffic: Traffic, idle_timeout: float) -> bool:
 def _recv_send(source: socket.socket, sink: socket.socket, traffic: Traffic, is_upstream: bool,
                idle_timeout: float, upgrade: bool = True) -> bool:
     """Copy with recv/sendall; True when the stream looks bulk and splice can take over."""
-    recv, sendall = source.recv, sink.sendall
+    recv, send = source.recv, sink.send
     bulk_ok = upgrade and PIPES.enabled
     while True:
         try:
@@ -221,7 +229,9 @@ def _recv_send(source: socket.socket, sink: socket.socket, traffic: Traffic, is_
             continue
         if not data:
             return False
-        sendall(data)
+        sent = send(data)
+        if sent < len(data):
+            sink.sendall(memoryview(data)[sent:])
         traffic.add(is_upstream, len(data))
         if bulk_ok and len(data) == CHUNK:
             return True
