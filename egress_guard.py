@@ -710,11 +710,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error(f"bad setting: {error}")
         return 1
     handler = configure_logging(settings.log_level, buffered=True).handlers[0]
-    flusher = gevent.spawn(handler.flush_every, 0.2)
     try:
         return serve(settings)
     finally:
-        flusher.kill()
         handler.flush()
 
 

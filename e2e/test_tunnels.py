@@ -106,7 +106,12 @@ def test_200_concurrent_tunnels(start_proxy, tls_upstream: Upstream, ca) -> None
     metrics = proxy.metrics()
     assert metrics.value("egress_proxy_requests_total", identity="app", status="allowed") == count
     assert metrics.value("egress_proxy_tunnel_duration_seconds_count") == count
-    summaries = [l for l in proxy.log_lines() if l.get("message") == "tunnel closed"]
+    # Lines are flushed at the end of the proxy's event-loop iteration: allow for it.
+    def closed_lines() -> list[dict]:
+        return [l for l in proxy.log_lines() if l.get("message") == "tunnel closed"]
+
+    wait_until(lambda: len(closed_lines()) >= count, 5)
+    summaries = closed_lines()
     assert len(summaries) == count
     for direction in ("up", "down"):
         total = sum(l[f"bytes_{direction}"] for l in summaries)

@@ -196,24 +196,44 @@ class _Formatter(JsonFormatter):
 class BufferedStreamHandler(logging.StreamHandler):
     """Writes lines without a flush (a write syscall) per line.
 
-    `flush_every()` runs in a background greenlet; WARNING and above, and process exit,
-    flush at once. Audit lines are at most `interval` seconds behind.
+    The first line written in an event-loop iteration schedules one flush for the end
+    of that iteration: a lone line goes out at once, and the lines of a busy
+    iteration leave in one write. WARNING and above flush immediately.
     """
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._pending = False
+        self._loop: Any = None
+
+    def write_line(self, line: str) -> None:
+        self.stream.write(line + "\n")
+        if not self._pending:
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        import gevent
+
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = gevent.get_hub().loop
+        self._pending = True
+        loop.run_callback(self._flush_pending)
+
+    def _flush_pending(self) -> None:
+        self._pending = False
+        try:
+            self.flush()
+        except Exception:  # noqa: BLE001 - a closed stdout must not take the proxy down
+            pass
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.stream.write(self.format(record) + "\n")
+            self.write_line(self.format(record))
             if record.levelno >= logging.WARNING:
-                self.stream.flush()
+                self.flush()
         except Exception:  # noqa: BLE001 - logging must never take the proxy down
             self.handleError(record)
-
-    def flush_every(self, interval: float) -> None:
-        import gevent
-
-        while True:
-            gevent.sleep(interval)
-            self.flush()
 
 
 LEVEL_NAMES = {logging.DEBUG: "DEBUG", logging.INFO: "INFO", logging.WARNING: "WARNING", logging.ERROR: "ERROR"}
@@ -246,7 +266,7 @@ class Events:
                  "message": message}
         entry.update(fields)
         try:
-            handler.stream.write(formatter.serialize_log_record(entry) + "\n")
+            handler.write_line(formatter.serialize_log_record(entry))
         except Exception:  # noqa: BLE001 - logging must never take the proxy down
             logger.log(level, message, extra=fields)
 
