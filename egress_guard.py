@@ -38,7 +38,7 @@ from policy import Decision, Host, Identity, Policy, PolicyError
 from proxy import cli
 from proxy import forward as forwarding
 from proxy.admin import admin_app
-from proxy.dial import Address, Resolver, dial, load_hosts_file, system_resolver, unwrap
+from proxy.dial import Address, ResolveError, Resolver, dial, load_hosts_file, system_resolver, unwrap
 from proxy.errors import ESTABLISHED, Refusal, auth_required, response
 from proxy.observe import UNAUTHENTICATED, Events, Metrics, configure_logging
 from proxy.pump import Traffic, abort, has_input, relay, send_all, wait_readable
@@ -140,7 +140,7 @@ class Tunnel:
 
     __slots__ = (
         "identity", "key", "host", "port", "address", "sni", "tls", "client", "upstream",
-        "traffic", "started", "ended_by", "counted_up", "counted_down", "slot",
+        "traffic", "started", "ended_by", "counted_up", "counted_down", "slot", "first",
     )
 
     def __init__(self, identity: str, key: str, host: Host, port: int, address: Address,
@@ -160,6 +160,7 @@ class Tunnel:
         self.counted_up = 0
         self.counted_down = 0
         self.slot = slot
+        self.first = b""  # client bytes peeked before the tunnel opened, sent first
 
     def __repr__(self) -> str:
         return f"<Tunnel {self.identity} -> {self.host.name}:{self.port}>"
@@ -253,7 +254,12 @@ class EgressGuard:
                     raise Refusal(error.status, error.message, headers=allow) from None
                 attempt.method = request.method
                 if request.is_connect:
-                    self.connect(client, request, buffered, attempt)
+                    tunnel = self.establish(client, request, buffered, attempt)
+                    # An open tunnel keeps nothing of its handshake alive (memory per
+                    # idle tunnel), nor the policy snapshot it was judged by.
+                    del head, request, buffered
+                    if tunnel is not None:
+                        self.pump(tunnel, attempt)
                     return
                 keep_alive, buffered = forwarding.forward(self, client, request, buffered, attempt)
                 if not keep_alive:
@@ -282,15 +288,9 @@ class EgressGuard:
 
     # -- one CONNECT (steps 4-10) ------------------------------------------
 
-    def connect(self, client: socket.socket, request: http.Request, buffered: bytes, attempt: Attempt) -> None:
-        opened = self.establish(client, request, buffered, attempt)
-        if opened is not None:
-            # The policy snapshot and Identity are out of scope from here on.
-            self.pump(*opened, attempt)
-
     def establish(self, client: socket.socket, request: http.Request, buffered: bytes,
-                  attempt: Attempt) -> tuple[Tunnel, bytes] | None:
-        """Steps 4-9: (tunnel, first bytes to forward), or None once refused."""
+                  attempt: Attempt) -> Tunnel | None:
+        """Steps 4-9: the tunnel (holding the first bytes to forward), or None once refused."""
         current = self.policy  # read the reference once
         attempt.host, attempt.port = request.host, request.port
         key, identity = self.authenticate(current, request)
@@ -318,7 +318,10 @@ class EgressGuard:
                 if tunnel is not None:
                     tunnel.upstream.close()
                 self.free_slot(identity.name, slot)
-        return None if first is None else (tunnel, first)
+        if first is None:
+            return None
+        tunnel.first = first
+        return tunnel
 
     def authenticate(self, current: Policy, request: http.Request) -> tuple[str, Identity]:
         try:
@@ -374,11 +377,8 @@ class EgressGuard:
             addresses = [host.ip]
         else:
             try:
-                with gevent.Timeout(self.settings.connect_timeout):
-                    addresses = [unwrap(a) for a in self.resolve(host.name)]
-            except gevent.Timeout:
-                raise Refusal(502, f"could not resolve {host.name}", error="DNS lookup timed out") from None
-            except (OSError, UnicodeError) as error:
+                addresses = [unwrap(a) for a in self.resolve(host.name, self.settings.connect_timeout)]
+            except ResolveError as error:
                 raise Refusal(502, f"could not resolve {host.name}", error=str(error)) from None
             if not addresses:
                 raise Refusal(502, f"could not resolve {host.name}", error="no addresses")
@@ -438,15 +438,17 @@ class EgressGuard:
         except OSError:
             pass
 
-    def pump(self, tunnel: Tunnel, first: bytes, attempt: Attempt) -> None:
+    def pump(self, tunnel: Tunnel, attempt: Attempt) -> None:
         """Step 10: forward the peeked bytes, then copy both ways until done."""
         self.record(attempt, attempt.status, attempt.reason or "destination allowed")
         self.tunnels.add(tunnel)
         self.metrics.active_tunnels.inc()
         try:
+            first, tunnel.first = tunnel.first, b""
             if first:
                 send_all(tunnel.upstream, first)
                 tunnel.traffic.add(True, len(first))
+            del first  # the ClientHello buffer is not kept for the life of the tunnel
             relay(tunnel.client, tunnel.upstream, tunnel.traffic, self.settings.idle_timeout)
         except OSError:
             pass
@@ -544,20 +546,27 @@ class EgressGuard:
         # The cyclic GC is paused meanwhile: a full collection triggered by the
         # compile's allocations would scan every object while holding the GIL, the
         # one long stall left (measured ~100 ms at 100k destinations; ~15 ms without).
+        # A shorter GIL switch interval while the compile runs keeps each tunnel's wait
+        # for the GIL near 1 ms instead of 5 ms.
+        interval = sys.getswitchinterval()
         gc.disable()
+        sys.setswitchinterval(0.001)
         try:
             fresh = gevent.get_hub().threadpool.apply(_load_quietly, (path,))
+            if isinstance(fresh, PolicyError):
+                self.metrics.load_errors.inc()
+                log.error("policy reload failed; keeping the last good policy",
+                          extra={"path": path, "trigger": why, "error": str(fresh)})
+                return False
+            # Freeing the old snapshot happens here, when its last reference goes.
+            self.policy = fresh
+            # Long-lived snapshot objects leave the collector's generations before it is
+            # switched back on, so no full collection rescans a large policy (they are
+            # still freed by reference counting when a later reload replaces them).
+            gc.freeze()
         finally:
+            sys.setswitchinterval(interval)
             gc.enable()
-        if isinstance(fresh, PolicyError):
-            self.metrics.load_errors.inc()
-            log.error("policy reload failed; keeping the last good policy",
-                      extra={"path": path, "trigger": why, "error": str(fresh)})
-            return False
-        self.policy = fresh
-        # Long-lived snapshot objects leave the collector's generations, so later full
-        # collections do not rescan a large policy (they are still freed by refcount).
-        gc.freeze()
         self.metrics.reloads.inc()
         self.metrics.policy_loaded(self._destination_counts(fresh))
         log.info("policy reloaded", extra={
@@ -659,6 +668,8 @@ def serve(settings: Settings) -> int:
             log.error(f"cannot load HOSTS_FILE: {error}")
             return 1
     guard = EgressGuard(settings, current, metrics, system_resolver(hosts))
+    digest, identities = current.digest, len(current.identities)
+    del current  # the guard holds the one reference; a reload must be able to free it
     try:
         guard.listen()
     except OSError as error:
@@ -678,8 +689,8 @@ def serve(settings: Settings) -> int:
     background = [gevent.spawn(guard.watch), gevent.spawn(guard.housekeeping)]
     log.info("egress-guard listening", extra={
         "version": __version__, "proxy": f"{settings.proxy_host}:{settings.proxy_port}",
-        "metrics": f"{settings.metrics_host}:{settings.metrics_port}", "policy": current.digest,
-        "path": settings.configmap_path, "identities": len(current.identities),
+        "metrics": f"{settings.metrics_host}:{settings.metrics_port}", "policy": digest,
+        "path": settings.configmap_path, "identities": identities,
     })
     stop.wait()
     guard.drain()

@@ -12,13 +12,19 @@ import os
 import time
 from typing import Callable, Sequence
 
+import gevent
 from gevent import socket
 
 import policy
 from proxy.errors import Refusal
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-Resolver = Callable[[str], list[Address]]
+# resolve(name, timeout) -> addresses; raises ResolveError. Injected in tests.
+Resolver = Callable[[str, float], list[Address]]
+
+
+class ResolveError(Exception):
+    """The name did not resolve; str() says why (for the log, not the client)."""
 
 
 def load_hosts_file(path: str) -> dict[str, list[Address]]:
@@ -47,12 +53,22 @@ def load_hosts_file(path: str) -> dict[str, list[Address]]:
 
 
 def system_resolver(hosts: dict[str, list[Address]]) -> Resolver:
-    """Resolve with the hosts table first, then the system resolver (in gevent's pool)."""
+    """Resolve with the hosts table first, then the system resolver (in gevent's pool).
 
-    def resolve(name: str) -> list[Address]:
-        if name in hosts:
-            return list(hosts[name])
-        infos = socket.getaddrinfo(name, None, socket.AF_UNSPEC, socket.SOCK_STREAM)
+    The timeout is only armed for a real lookup: a hosts-table hit costs a dict lookup.
+    """
+
+    def resolve(name: str, timeout: float) -> list[Address]:
+        found = hosts.get(name)
+        if found is not None:
+            return list(found)
+        try:
+            with gevent.Timeout(timeout):
+                infos = socket.getaddrinfo(name, None, socket.AF_UNSPEC, socket.SOCK_STREAM)
+        except gevent.Timeout:
+            raise ResolveError("DNS lookup timed out") from None
+        except (OSError, UnicodeError) as error:
+            raise ResolveError(str(error)) from None
         seen: list[Address] = []
         for family, _, _, _, sockaddr in infos:
             if family not in (socket.AF_INET, socket.AF_INET6):

@@ -24,6 +24,7 @@ import errno
 import os
 import socket
 import time
+from typing import Any
 
 import gevent
 from gevent.hub import Waiter
@@ -131,19 +132,35 @@ def abort(*socks: socket.socket) -> None:
 
 
 def relay(client: socket.socket, upstream: socket.socket, traffic: Traffic, idle_timeout: float) -> None:
-    """Pump until both directions end; counts go into `traffic`."""
+    """Pump until both directions end; counts go into `traffic`.
+
+    This greenlet copies client -> upstream; a second, raw greenlet (no Greenlet
+    bookkeeping: links, exception records) copies upstream -> client and reports back
+    through a Waiter when it ends.
+    """
     timeout = idle_timeout or None
     client.settimeout(timeout)
     upstream.settimeout(timeout)
-    down = gevent.spawn(_copy, upstream, client, traffic, False, idle_timeout)
+    hub = gevent.get_hub()
+    done = Waiter(hub)
+    gevent.spawn_raw(_copy_then_report, upstream, client, traffic, idle_timeout, hub, done)
+    finished = False
     try:
         _copy(client, upstream, traffic, True, idle_timeout)
-        down.join()
+        done.get()
+        finished = True
     finally:
-        if not down.dead:
-            abort(client, upstream)
-            down.join(timeout=1)
-            down.kill(block=False)
+        if not finished:
+            abort(client, upstream)  # the other direction sees EOF and ends on its own
+
+
+def _copy_then_report(source: socket.socket, sink: socket.socket, traffic: Traffic, idle_timeout: float,
+                      hub: Any, done: Waiter) -> None:
+    try:
+        _copy(source, sink, traffic, False, idle_timeout)
+    finally:
+        # A Waiter is switched from the hub only.
+        hub.loop.run_callback(done.switch, None)
 
 
 def wait_readable(socks: list[socket.socket], timeout: float) -> socket.socket | None:
