@@ -222,6 +222,8 @@ class EgressGuard:
         self.server: StreamServer | None = None
         self._file_state: tuple | None = None
         self.metrics.policy_loaded(self._destination_counts(current))
+        # Read at scrape time: nothing to update on the hot path.
+        self.metrics.client_connections.set_function(lambda: len(self.connections))
 
     # -- accepting (step 1) ------------------------------------------------
 

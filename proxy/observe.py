@@ -93,6 +93,11 @@ class Metrics:
             "Tunnels currently open.",
             registry=registry,
         )
+        self.client_connections = Gauge(
+            "egress_proxy_client_connections",
+            "Client connections currently open (compare with MAX_CONNECTIONS).",
+            registry=registry,
+        )
         self.bytes = Counter(
             "egress_proxy_bytes_total",
             "Bytes relayed; direction=upstream is client to destination.",

@@ -255,6 +255,7 @@ CONTRACT_SERIES = {
     "egress_proxy_config_load_errors_total": set(),
     "egress_proxy_allowed_destinations": {"identity"},
     "egress_proxy_active_tunnels": set(),
+    "egress_proxy_client_connections": set(),
     "egress_proxy_bytes_total": {"identity", "direction"},
     "egress_proxy_tunnel_duration_seconds_bucket": {"le"},
     "egress_proxy_tunnel_duration_seconds_sum": set(),
