@@ -1,0 +1,190 @@
+"""The bypass regression table: one named row per trick that has beaten an egress proxy
+or an SSRF filter somewhere (Squid, tinyproxy, Smokescreen, URL parsers), each sent to a
+real `python egress_guard.py` and judged from outside.
+
+A row is a raw request head, optionally the bytes the client sends once the tunnel is
+open, and the outcome we require:
+
+- an HTTP status (the destination is never dialled for a refusal),
+- "refused-in-tunnel": 200, then the ClientHello is refused and the upstream receives
+  nothing — it may not even be connected to,
+- "forwarded": 200 and the client's bytes reach the upstream.
+
+More detailed tests of each class live beside this table (test_connect, test_sni,
+test_hardening, tests/test_http_head.py, tests/test_tls_hello.py); this file is the
+one list to extend when a new class turns up.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+from _support import Proxy, Upstream, basic, closed_by_peer, read_reply, open_client
+
+HELLOS = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "hellos"
+
+POLICY = """
+identities:
+  app:
+    api_keys: ["app-key"]
+    allowed_destinations:
+      - "api.example.com"
+      - "public.example.com"
+      - "metadata.example.com"
+      - "mapped.example.com"
+      - "bücher.example.com"
+      - "127.0.0.1"
+  strict:
+    api_keys: ["strict-key"]
+    allowed_destinations: ["127.0.0.1", "api.example.com:1-1"]
+"""
+
+
+def fixture_hello(name: str) -> bytes:
+    text = re.sub(r"#[^\n]*", "", (HELLOS / name).read_text())
+    return bytes.fromhex("".join(text.split()))
+
+
+def python_hello(sni: str, pad_to: int = 0) -> bytes:
+    """A real ClientHello from Python's ssl (optionally inflated with a padding extension)."""
+    import ssl
+
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=sni)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    hello = outgoing.read()
+    if pad_to:
+        # Grow the hello with an extension of type 0xffce (unassigned) and fix every length.
+        pad = pad_to - len(hello)
+        body = bytearray(hello[9:])
+        ext_len_at = 2 + 32 + 1 + body[34] + 2
+        ext_len_at += int.from_bytes(body[ext_len_at - 2:ext_len_at], "big") + 1
+        ext_len_at += body[ext_len_at - 1]
+        extension = b"\xff\xce" + pad.to_bytes(2, "big") + bytes(pad)
+        ext_total = int.from_bytes(body[ext_len_at:ext_len_at + 2], "big") + len(extension)
+        body[ext_len_at:ext_len_at + 2] = ext_total.to_bytes(2, "big")
+        body += extension
+        handshake = b"\x01" + len(body).to_bytes(3, "big") + bytes(body)
+        records = b""
+        for start in range(0, len(handshake), 16384):
+            chunk = handshake[start:start + 16384]
+            records += b"\x16\x03\x01" + len(chunk).to_bytes(2, "big") + chunk
+        hello = records
+    return hello
+
+
+def head(line: bytes, *, key: str | None = "app-key", extra: bytes = b"") -> bytes:
+    auth = f"Proxy-Authorization: {basic(key)}\r\n".encode() if key else b""
+    return line + b"\r\n" + auth + extra + b"\r\n"
+
+
+# (id, request line or whole head, bytes after 200, expected)
+CASES = [
+    # -- spelling of the target -------------------------------------------------------
+    ("trailing-dot-is-the-same-name", head(b"CONNECT api.example.com.:{port} HTTP/1.1"),
+     "api.example.com", "forwarded"),
+    ("mixed-case-is-the-same-name", head(b"CONNECT API.Example.COM:{port} HTTP/1.1"), "api.example.com", "forwarded"),
+    ("idna-unicode-rule-matches-punycode", head(b"CONNECT xn--bcher-kva.example.com:{port} HTTP/1.1"),
+     None, 200),
+    ("confusable-cyrillic-a-does-not-match", head(b"CONNECT xn--pi-6kc.example.com:{port} HTTP/1.1"), None, 403),
+    ("userinfo-in-authority", head(b"CONNECT app-key@api.example.com:{port} HTTP/1.1"), None, 400),
+    ("userinfo-with-password", head(b"CONNECT a:b@api.example.com:{port} HTTP/1.1"), None, 400),
+    ("decimal-ipv4", head(b"CONNECT 2130706433:{port} HTTP/1.1"), None, 400),
+    ("hex-ipv4", head(b"CONNECT 0x7f.0.0.1:{port} HTTP/1.1"), None, 400),
+    ("octal-ipv4", head(b"CONNECT 0177.0.0.1:{port} HTTP/1.1"), None, 400),
+    ("short-ipv4", head(b"CONNECT 127.1:{port} HTTP/1.1"), None, 400),
+    ("port-0", head(b"CONNECT api.example.com:0 HTTP/1.1"), None, 400),
+    ("port-65536", head(b"CONNECT api.example.com:65536 HTTP/1.1"), None, 400),
+    ("port-rule-other-port", head(b"CONNECT api.example.com:{port} HTTP/1.1", key="strict-key"), None, 403),
+    # -- request-line and header smuggling ---------------------------------------------
+    ("cr-in-request-line", head(b"CONNECT api.example.com:{port}\r HTTP/1.1"), None, 400),
+    ("lf-in-request-line", b"CONNECT api.example.com:{port}\n HTTP/1.1\r\n\r\n", None, 400),
+    ("nul-in-request-line", head(b"CONNECT api.example.com\x00.evil:{port} HTTP/1.1"), None, 400),
+    ("tab-in-request-line", head(b"CONNECT\tapi.example.com:{port} HTTP/1.1"), None, 400),
+    ("double-space-in-request-line", head(b"CONNECT  api.example.com:{port} HTTP/1.1"), None, 400),
+    ("duplicate-proxy-authorization",
+     head(b"CONNECT api.example.com:{port} HTTP/1.1", extra=f"Proxy-Authorization: {basic('strict-key')}\r\n".encode()),
+     None, 400),
+    ("space-before-colon", b"CONNECT api.example.com:{port} HTTP/1.1\r\nProxy-Authorization : "
+     + basic("app-key").encode() + b"\r\n\r\n", None, 400),
+    # -- addresses behind allowed names ------------------------------------------------
+    ("name-resolving-to-metadata", head(b"CONNECT metadata.example.com:{port} HTTP/1.1"), None, 403),
+    ("name-resolving-to-ipv4-mapped-loopback", head(b"CONNECT mapped.example.com:{port} HTTP/1.1"), None, 200),
+    ("ipv4-mapped-literal-of-metadata", head(b"CONNECT [::ffff:169.254.169.254]:{port} HTTP/1.1"), None, 403),
+    ("nat64-literal-of-loopback", head(b"CONNECT [64:ff9b::7f00:1]:{port} HTTP/1.1"), None, 403),
+    # -- the ClientHello ---------------------------------------------------------------
+    ("sni-differs-from-connect-name", head(b"CONNECT api.example.com:{port} HTTP/1.1"),
+     "other.example.com", "refused-in-tunnel"),
+    ("sni-missing-on-name-target", head(b"CONNECT api.example.com:{port} HTTP/1.1"), "", "refused-in-tunnel"),
+    ("several-server-name-entries", head(b"CONNECT 127.0.0.1:{port} HTTP/1.1"),
+     fixture_hello("hand-several-server-names.hex"), "refused-in-tunnel"),
+    ("non-hostname-name-type", head(b"CONNECT 127.0.0.1:{port} HTTP/1.1"),
+     fixture_hello("hand-non-host-name-type.hex"), "refused-in-tunnel"),
+    ("two-server-name-extensions", head(b"CONNECT 127.0.0.1:{port} HTTP/1.1"),
+     fixture_hello("hand-duplicate-server-name.hex"), "refused-in-tunnel"),
+    ("ech-outer-sni-allowed-is-judged", head(b"CONNECT 127.0.0.1:{port} HTTP/1.1"),
+     fixture_hello("hand-ech-outer-sni.hex"), "forwarded"),
+    ("ech-outer-sni-not-allowed", head(b"CONNECT 127.0.0.1:{port} HTTP/1.1", key="strict-key"),
+     fixture_hello("hand-ech-outer-sni.hex"), "refused-in-tunnel"),
+    ("hello-over-16-KiB", head(b"CONNECT api.example.com:{port} HTTP/1.1"),
+     python_hello("api.example.com", pad_to=17000), "refused-in-tunnel"),
+    ("application-data-record-first", head(b"CONNECT api.example.com:{port} HTTP/1.1"),
+     b"\x17\x03\x03\x00\x05hello", "refused-in-tunnel"),
+    ("alert-record-before-hello", head(b"CONNECT api.example.com:{port} HTTP/1.1"),
+     b"\x15\x03\x03\x00\x02\x01\x00" + python_hello("api.example.com"), "refused-in-tunnel"),
+    ("plain-http-inside-a-tls-only-tunnel", head(b"CONNECT api.example.com:{port} HTTP/1.1"),
+     b"GET / HTTP/1.1\r\nHost: evil.example.com\r\n\r\n", "refused-in-tunnel"),
+]
+
+
+@pytest.fixture(scope="module")
+def proxy(module_proxies) -> Proxy:
+    return module_proxies(POLICY)
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Upstream:
+    # A raw (non-TLS) recorder: it shows exactly which bytes arrived, if any.
+    server = Upstream(peek_timeout=3.0)
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("raw,after,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bypass_class(proxy: Proxy, upstream: Upstream, raw: bytes, after: str | bytes | None,
+                      expected: int | str) -> None:
+    mark = upstream.snapshot()
+    sock = open_client(proxy)
+    try:
+        sock.sendall(raw.replace(b"{port}", str(upstream.port).encode()))
+        reply = read_reply(sock)
+        if isinstance(expected, int):
+            assert reply.status == expected, reply.text
+            if expected != 200:
+                time.sleep(0.2)
+                assert upstream.since(mark) == [], "a refused request was dialled"
+            return
+        assert reply.status == 200, reply.text
+        data = python_hello(after) if isinstance(after, str) and after else after
+        if after == "":
+            data = python_hello("127.0.0.1")  # Python sends no SNI for an IP literal
+        sock.sendall(data)
+        if expected == "forwarded":
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not any(c.received for c in upstream.since(mark)):
+                time.sleep(0.02)
+            received = b"".join(c.received for c in upstream.since(mark))
+            assert received.startswith(data[:64])
+        else:
+            assert closed_by_peer(sock, 5), "the proxy kept a refused tunnel open"
+            time.sleep(0.2)
+            assert all(c.received == b"" for c in upstream.since(mark)), "refused bytes reached the upstream"
+    finally:
+        sock.close()
