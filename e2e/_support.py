@@ -52,6 +52,14 @@ fd00:ec2::254 awsmeta.example.com
 255.255.255.255 broadcast.example.com
 fe80::1 linklocal6.example.com
 """
+# The plain policy most tests need: one identity reaching the local upstreams.
+APP_POLICY = """
+identities:
+  app:
+    api_keys: ["app-key"]
+    allowed_destinations: ["api.example.com", "127.0.0.1"]
+"""
+
 # Names the TLS upstream's certificate covers.
 CERT_NAMES = ("api.example.com", "other.example.com", "evil.example.com", "allowed.example.com",
               "xn--bcher-kva.example.com", "paypal.example.com", "127.0.0.1")

@@ -12,6 +12,7 @@ import time
 
 import pytest
 from _support import (
+    APP_POLICY,
     Proxy,
     Upstream,
     closed_by_peer,
@@ -21,12 +22,7 @@ from _support import (
     wait_until,
 )
 
-POLICY = """
-identities:
-  app:
-    api_keys: ["app-key"]
-    allowed_destinations: ["api.example.com", "127.0.0.1"]
-"""
+POLICY = APP_POLICY
 
 METRIC_NAMES = [
     "egress_proxy_requests_total",

@@ -7,6 +7,7 @@ import socket
 import time
 
 from _support import (
+    APP_POLICY,
     Proxy,
     Upstream,
     connect,
@@ -17,12 +18,7 @@ from _support import (
     wait_until,
 )
 
-POLICY = """
-identities:
-  app:
-    api_keys: ["app-key"]
-    allowed_destinations: ["api.example.com", "127.0.0.1"]
-"""
+POLICY = APP_POLICY
 
 
 def silent_clients(proxy: Proxy, count: int) -> list[socket.socket]:

@@ -17,13 +17,20 @@ from wire import http
 __version__ = "0.1.0"
 
 
-def check_policy(path: str) -> int:
-    """`check-policy FILE`: validate exactly as the server would."""
+def _load(path: str) -> policy.Policy | None:
+    """The policy in `path`, or None after printing one line per problem."""
     try:
-        current = policy.load_policy_file(path)
+        return policy.load_policy_file(path)
     except PolicyError as error:
         for problem in error.problems:
             print(f"{path}: {problem}", file=sys.stderr)
+        return None
+
+
+def check_policy(path: str) -> int:
+    """`check-policy FILE`: validate exactly as the server would."""
+    current = _load(path)
+    if current is None:
         return 1
     print(f"{path}: ok: {len(current.identities)} identities, {current.key_count} API keys, "
           f"{current.destination_count} destinations")
@@ -32,11 +39,8 @@ def check_policy(path: str) -> int:
 
 def explain(path: str, key: str, dest: str, sni: str | None) -> int:
     """`explain FILE --key KEY --dest HOST:PORT [--sni NAME]`: the decision, offline."""
-    try:
-        current = policy.load_policy_file(path)
-    except PolicyError as error:
-        for problem in error.problems:
-            print(f"{path}: {problem}", file=sys.stderr)
+    current = _load(path)
+    if current is None:
         return 2
     try:
         host, port = http.parse_authority(dest, default_port=443)
