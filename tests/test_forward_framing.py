@@ -1,5 +1,6 @@
-"""Plain-HTTP forwarding, the pure part: request and response framing (the smuggling
-shapes), the chunked-body parser, hop-by-hop stripping and the heads each side gets."""
+"""Plain-HTTP forwarding, the pure part (`wire.message`): request and response framing
+(the smuggling shapes), the chunked-body parser, hop-by-hop stripping and the heads each
+side gets; and the `allow_http` decision (`proxy.forward`)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy import forward
-from proxy.forward import CHUNKED, NO_BODY, UNTIL_CLOSE, ChunkedBody, ChunkError, Framing, FramingError
-from wire import http
+from wire import http, message
+from wire.message import CHUNKED, NO_BODY, UNTIL_CLOSE, ChunkedBody, ChunkError, Framing, FramingError
 
 
 def request(request_line: str, *headers: str) -> http.Request:
@@ -36,7 +37,7 @@ REQUEST_FRAMING = [
 
 @pytest.mark.parametrize("req,expected", [c[1:] for c in REQUEST_FRAMING], ids=[c[0] for c in REQUEST_FRAMING])
 def test_request_framing(req: http.Request, expected: Framing) -> None:
-    assert forward.request_framing(req) == expected
+    assert message.request_framing(req) == expected
 
 
 SMUGGLING = [
@@ -69,7 +70,7 @@ SMUGGLING = [
 @pytest.mark.parametrize("req,words", [c[1:] for c in SMUGGLING], ids=[c[0] for c in SMUGGLING])
 def test_smuggling_shapes_are_refused(req: http.Request, words: str) -> None:
     with pytest.raises(FramingError) as refused:
-        forward.request_framing(req)
+        message.request_framing(req)
     assert words in str(refused.value)
 
 
@@ -110,7 +111,7 @@ RESPONSE_FRAMING = [
 @pytest.mark.parametrize("method,status,headers,expected", [c[1:] for c in RESPONSE_FRAMING],
                          ids=[c[0] for c in RESPONSE_FRAMING])
 def test_response_framing(method: str, status: int, headers: list, expected: Framing) -> None:
-    assert forward.response_framing(method, status, tuple(headers)) == expected
+    assert message.response_framing(method, status, tuple(headers)) == expected
 
 
 @pytest.mark.parametrize("headers", [
@@ -121,7 +122,7 @@ def test_response_framing(method: str, status: int, headers: list, expected: Fra
 ], ids=["conflicting-lines", "conflicting-list", "negative", "text"])
 def test_bad_response_lengths(headers: list) -> None:
     with pytest.raises(FramingError):
-        forward.response_framing("GET", 200, tuple(headers))
+        message.response_framing("GET", 200, tuple(headers))
 
 
 # -- the chunked body parser -------------------------------------------------------
@@ -248,7 +249,7 @@ def test_origin_head_is_origin_form_without_hop_by_hop() -> None:
         "Accept: */*",
         "X-Kept: yes",
     )
-    sent = lines(forward.origin_head(req))
+    sent = lines(message.origin_head(req))
     assert sent[0] == "GET /p/a?q=1&r=2 HTTP/1.1"
     assert sent[1] == "Host: origin.example:8080"
     assert sent[2:] == ["Accept: */*", "X-Kept: yes", "Via: 1.1 egress-guard", "Connection: close"]
@@ -256,13 +257,13 @@ def test_origin_head_is_origin_form_without_hop_by_hop() -> None:
 
 def test_connection_cannot_remove_framing_or_host() -> None:
     req = post("Connection: Content-Length, Transfer-Encoding, Host", "Content-Length: 3")
-    sent = lines(forward.origin_head(req))
+    sent = lines(message.origin_head(req))
     assert "Content-Length: 3" in sent
     assert sent[1] == "Host: origin.example"
 
 
 def test_transfer_encoding_is_kept_for_the_relayed_chunks() -> None:
-    sent = lines(forward.origin_head(post("Transfer-Encoding: chunked")))
+    sent = lines(message.origin_head(post("Transfer-Encoding: chunked")))
     assert "Transfer-Encoding: chunked" in sent
 
 
@@ -276,7 +277,7 @@ def test_transfer_encoding_is_kept_for_the_relayed_chunks() -> None:
     ("http://[2001:db8::1]:8080/", "[2001:db8::1]:8080"),
 ])
 def test_host_is_the_url_authority(target: str, host: str) -> None:
-    sent = lines(forward.origin_head(request(f"GET {target} HTTP/1.1", "Host: other.example")))
+    sent = lines(message.origin_head(request(f"GET {target} HTTP/1.1", "Host: other.example")))
     assert sent[1] == f"Host: {host}"
     assert sum(line.lower().startswith("host:") for line in sent) == 1
 
@@ -287,16 +288,16 @@ def test_host_is_the_url_authority(target: str, host: str) -> None:
     ("http://o.example?x", "/?x"),
 ])
 def test_origin_target(target: str, origin_form: str) -> None:
-    assert forward.origin_target(request(f"GET {target} HTTP/1.1")) == origin_form
+    assert message.origin_target(request(f"GET {target} HTTP/1.1")) == origin_form
 
 
 def test_options_without_path_is_asterisk() -> None:
-    assert forward.origin_target(request("OPTIONS http://o.example:8080 HTTP/1.1")) == "*"
-    assert forward.origin_target(request("OPTIONS http://o.example/x HTTP/1.1")) == "/x"
+    assert message.origin_target(request("OPTIONS http://o.example:8080 HTTP/1.1")) == "*"
+    assert message.origin_target(request("OPTIONS http://o.example/x HTTP/1.1")) == "/x"
 
 
 def test_http10_request_is_sent_as_http11_with_its_via_version() -> None:
-    sent = lines(forward.origin_head(request("GET http://o.example/ HTTP/1.0")))
+    sent = lines(message.origin_head(request("GET http://o.example/ HTTP/1.0")))
     assert sent[0] == "GET / HTTP/1.1"
     assert "Via: 1.0 egress-guard" in sent
 
@@ -314,7 +315,7 @@ PERSISTENCE = [
 
 @pytest.mark.parametrize("version,headers,expected", [c[1:] for c in PERSISTENCE], ids=[c[0] for c in PERSISTENCE])
 def test_client_persistence(version: str, headers: list[str], expected: bool) -> None:
-    assert forward.wants_persistence(request(f"GET http://o.example/ {version}", *headers)) is expected
+    assert message.wants_persistence(request(f"GET http://o.example/ {version}", *headers)) is expected
 
 
 # -- response heads -----------------------------------------------------------------
@@ -325,7 +326,7 @@ RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive, X-
 
 
 def test_parse_response_head() -> None:
-    response = forward.parse_response_head(RESPONSE)
+    response = message.parse_response_head(RESPONSE)
     assert (response.version, response.status, response.reason) == ("1.1", 200, "OK")
     assert response.get("set-cookie") == ["a=1", "b=2"]
 
@@ -336,7 +337,7 @@ def test_parse_response_head() -> None:
     (b"HTTP/1.1 200 \r\nX: y\n\r\n", 200, ""),
 ])
 def test_parse_lenient_response_line_ends(raw: bytes, status: int, reason: str) -> None:
-    response = forward.parse_response_head(raw)
+    response = message.parse_response_head(raw)
     assert (response.status, response.reason) == (status, reason)
 
 
@@ -353,7 +354,7 @@ def test_parse_lenient_response_line_ends(raw: bytes, status: int, reason: str) 
 ], ids=["space-before-colon", "obs-fold", "bare-cr", "nul", "http2", "status-99", "status-2000", "icy", "empty"])
 def test_malformed_response_heads(raw: bytes) -> None:
     with pytest.raises(FramingError):
-        forward.parse_response_head(raw)
+        message.parse_response_head(raw)
 
 
 @pytest.mark.parametrize("buffer,end", [
@@ -363,32 +364,32 @@ def test_malformed_response_heads(raw: bytes) -> None:
     (b"HTTP/1.1 200 OK\r\nA: b\n\r\nX", 24),
 ])
 def test_find_response_head_end(buffer: bytes, end: int) -> None:
-    assert forward.find_response_head_end(buffer) == end
+    assert message.find_response_head_end(buffer) == end
 
 
 def test_client_head_strips_hop_by_hop_and_states_our_persistence() -> None:
-    response = forward.parse_response_head(RESPONSE)
-    sent = lines(forward.client_head(response, keep_alive=False, client_version="HTTP/1.1"))
+    response = message.parse_response_head(RESPONSE)
+    sent = lines(message.client_head(response, keep_alive=False, client_version="HTTP/1.1"))
     assert sent == ["HTTP/1.1 200 OK", "Content-Length: 5", "Set-Cookie: a=1", "Set-Cookie: b=2",
                     "Via: 1.1 egress-guard", "Connection: close"]
-    kept = lines(forward.client_head(response, keep_alive=True, client_version="HTTP/1.1"))
+    kept = lines(message.client_head(response, keep_alive=True, client_version="HTTP/1.1"))
     assert not any(line.lower().startswith("connection:") for line in kept)
-    old = lines(forward.client_head(response, keep_alive=True, client_version="HTTP/1.0"))
+    old = lines(message.client_head(response, keep_alive=True, client_version="HTTP/1.0"))
     assert old[-1] == "Connection: keep-alive"
 
 
 def test_client_head_never_sends_both_lengths_and_dechunks_for_http10() -> None:
-    response = forward.parse_response_head(
+    response = message.parse_response_head(
         b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n")
-    sent = lines(forward.client_head(response, keep_alive=True, client_version="HTTP/1.1"))
+    sent = lines(message.client_head(response, keep_alive=True, client_version="HTTP/1.1"))
     assert "Transfer-Encoding: chunked" in sent and "Content-Length: 3" not in sent
-    decoded = lines(forward.client_head(response, keep_alive=False, client_version="HTTP/1.0", dechunk=True))
+    decoded = lines(message.client_head(response, keep_alive=False, client_version="HTTP/1.0", dechunk=True))
     assert not any(line.lower().startswith(("transfer-encoding", "content-length")) for line in decoded)
 
 
 def test_interim_response_head_has_no_connection_field() -> None:
-    interim = forward.parse_response_head(b"HTTP/1.1 100 Continue\r\n\r\n")
-    assert lines(forward.client_head(interim, keep_alive=False, client_version="HTTP/1.1")) == [
+    interim = message.parse_response_head(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert lines(message.client_head(interim, keep_alive=False, client_version="HTTP/1.1")) == [
         "HTTP/1.1 100 Continue", "Via: 1.1 egress-guard"]
 
 

@@ -10,7 +10,7 @@ below is refused with the status it deserves, carried on the exception (as h11 d
 Refused: bare LF or CR, obsolete line folding, whitespace before a colon, control
 characters, extra spaces, userinfo in an authority, non-canonical IP literals and
 ports outside 1-65535. (Body framing of forwarded requests is judged in
-proxy/forward.py.)
+wire/message.py.)
 """
 
 from __future__ import annotations
