@@ -3,11 +3,11 @@
 its allowed destinations, and checks the TLS SNI before a byte goes through.
 
 This file is the entry point and the server. It reads in the order a connection
-lives: reading the request, the ClientHello, the handler (DESIGN.md steps 1-10),
-records, policy reloads and revocation, draining, and main. Around it:
-`policy/` decides (pure), `wire/` parses (pure), and `proxy/` holds settings,
-refusals -> responses, resolving and dialling, the byte pump, plain-HTTP forwarding,
-metrics/logging, the health app and the command line.
+lives: the handler (DESIGN.md steps 1-10), records, policy reloads and revocation,
+draining, and main. Around it: `policy/` decides (pure), `wire/` parses (pure), and
+`proxy/` holds, in the same order, settings, refusals -> responses, reading the head
+and the ClientHello, resolving and dialling, the Attempt/Tunnel records, the byte
+pump, plain-HTTP forwarding, metrics/logging, the health app and the command line.
 """
 
 if __name__ == "__main__":
@@ -34,15 +34,17 @@ from gevent.server import StreamServer
 from prometheus_client import CollectorRegistry
 
 import policy
-from policy import Decision, Host, Identity, Policy, PolicyError
+from policy import Decision, Identity, Policy, PolicyError
 from proxy import cli
 from proxy import forward as forwarding
 from proxy.admin import admin_app
 from proxy.dial import Address, ResolveError, Resolver, dial, load_hosts_file, system_resolver, unwrap
 from proxy.errors import ESTABLISHED, Refusal, auth_required, response
-from proxy.observe import UNAUTHENTICATED, Events, Metrics, configure_logging
-from proxy.pump import Traffic, abort, has_input, relay, send_all, wait_readable
+from proxy.observe import Events, Metrics, configure_logging
+from proxy.pump import has_input, relay, send_all, wait_readable
+from proxy.reading import Closed, HelloTimeout, read_head, read_hello
 from proxy.settings import Settings, SettingsError
+from proxy.tunnel import Attempt, Tunnel
 from wire import http, tls
 
 __version__ = cli.__version__
@@ -51,157 +53,7 @@ events = Events(log)
 
 
 # ---------------------------------------------------------------------------
-# Reading the request head (DESIGN.md step 2).
-
-
-class Closed(Exception):
-    """The client went away before sending a complete request head."""
-
-    def __init__(self, partial: bool) -> None:
-        super().__init__("client closed the connection")
-        self.partial = partial
-
-
-def read_head(sock: socket.socket, buffered: bytes, timeout: float) -> tuple[bytes, bytes]:
-    """(head, bytes after it): at most 16 KiB within `timeout` seconds (else 431/408).
-
-    The deadline is applied as a socket timeout per read, so the common case (the
-    whole head in the first segment) never arms a timer.
-    """
-    buf = buffered
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            end = http.find_head_end(buf)
-        except http.HeadError as error:
-            raise Refusal(error.status, error.message) from None
-        if end > 0:
-            if end > http.MAX_HEAD_BYTES:
-                break
-            return buf[:end], buf[end:]
-        if len(buf) > http.MAX_HEAD_BYTES:
-            break
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise Refusal(408, f"no complete request head within {timeout:g} s")
-        sock.settimeout(remaining)
-        try:
-            data = sock.recv(http.MAX_HEAD_BYTES + 5 - len(buf))
-        except socket.timeout:
-            raise Refusal(408, f"no complete request head within {timeout:g} s") from None
-        if not data:
-            raise Closed(partial=bool(buf))
-        buf += data
-    raise Refusal(431, f"request head larger than {http.MAX_HEAD_BYTES} bytes")
-
-
-# ---------------------------------------------------------------------------
-# The ClientHello (step 8).
-
-
-class HelloTimeout(Exception):
-    pass
-
-
-def read_hello(sock: socket.socket, buffered: bytes, timeout: float) -> tuple[Any, bytes]:
-    """(outcome, bytes read): a ClientHello, tls.Invalid, HelloTimeout, or None if the
-    client closed first. Reads until the parser stops saying NEED_MORE (it never does
-    past 16 KiB), so a hello split across segments or records is reassembled."""
-    buf = buffered
-    deadline = time.monotonic() + timeout
-    while True:
-        if buf:
-            outcome = tls.parse_client_hello(buf)
-            if outcome is not tls.NEED_MORE:
-                return outcome, buf
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return HelloTimeout, buf
-        sock.settimeout(remaining)
-        try:
-            data = sock.recv(tls.MAX_HELLO_BYTES + 1 - len(buf) if buf else 4096)
-        except socket.timeout:
-            return HelloTimeout, buf
-        if not data:
-            return None, buf
-        buf += data
-
-
-# ---------------------------------------------------------------------------
 # The handler.
-
-
-class Tunnel:
-    """An open tunnel: enough to re-judge it under a new policy and to close it.
-
-    It holds the identity's name, not the Identity: a tunnel must not keep an old
-    policy snapshot alive after a reload.
-    """
-
-    __slots__ = (
-        "identity", "key", "host", "port", "address", "sni", "tls", "client", "upstream",
-        "traffic", "started", "ended_by", "counted_up", "counted_down", "slot", "first",
-    )
-
-    def __init__(self, identity: str, key: str, host: Host, port: int, address: Address,
-                 client: socket.socket, upstream: socket.socket, slot: bool) -> None:
-        self.identity = identity
-        self.key = key  # kept only to re-authenticate on reload; never logged (see __repr__)
-        self.host = host
-        self.port = port
-        self.address = address
-        self.sni: str | None = None
-        self.tls = True
-        self.client = client
-        self.upstream = upstream
-        self.traffic = Traffic()
-        self.started = time.monotonic()
-        self.ended_by = "closed"
-        self.counted_up = 0
-        self.counted_down = 0
-        self.slot = slot
-        self.first = b""  # client bytes peeked before the tunnel opened, sent first
-
-    def __repr__(self) -> str:
-        return f"<Tunnel {self.identity} -> {self.host.name}:{self.port}>"
-
-    @property
-    def destination(self) -> str:
-        return _destination(self.host, self.port)
-
-    def close(self, why: str) -> None:
-        self.ended_by = why
-        abort(self.client, self.upstream)
-
-
-def _destination(host: Host | None, port: int) -> str:
-    if host is None:
-        return ""
-    if host.ip is not None and host.ip.version == 6:
-        return f"[{host.name}]:{port}"
-    return f"{host.name}:{port}"
-
-
-class Attempt:
-    """What one request has established so far, for its decision record."""
-
-    __slots__ = ("client", "method", "identity", "host", "port", "address", "sni", "rule", "status", "reason")
-
-    def __init__(self, client: str) -> None:
-        self.client = client
-        self.method = ""
-        self.identity = UNAUTHENTICATED
-        self.host: Host | None = None
-        self.port = 0
-        self.address: Address | None = None
-        self.sni: str | None = None
-        self.rule: str | None = None
-        self.status = "allowed"
-        self.reason = ""
-
-    @property
-    def destination(self) -> str:
-        return _destination(self.host, self.port)
 
 
 class EgressGuard:
