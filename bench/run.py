@@ -9,6 +9,7 @@ each figure means and how to read it.
     .venv/bin/python bench/run.py --modes rate,tls-rate --duration 3
     .venv/bin/python bench/run.py --proxy-cmd 'LOG_LEVEL=WARN {python} {repo}/egress_guard.py'
     .venv/bin/python bench/run.py --modes rate,tls-rate,bulk --py-spy /path/to/py-spy   # profile
+    .venv/bin/python bench/run.py --modes soak [--soak-minutes 10]   # soak: not in the default set
 
 Steps: build the C load generator and upstream server into bench/build/ (gcc only);
 start the upstream (echo / sink / source) pinned to CPU 1; for each proxy in turn
@@ -44,6 +45,7 @@ import peers  # noqa: E402
 import hotspots  # noqa: E402
 import policy_scale  # noqa: E402  (imports the project's policy package)
 import stall  # noqa: E402
+import soak  # noqa: E402
 
 from policy import DEFAULT_FORBIDDEN  # noqa: E402
 
@@ -51,7 +53,8 @@ LOADGEN = os.path.join(BUILD, "loadgen")
 UPSTREAM = os.path.join(BUILD, "upstream")
 SOCKET_MODES = ["idle", "rate", "lat", "tls-rate", "bulk", "bulk-down"]
 EXTRA_MODES = ["policy-scale", "reload-stall"]
-ALL_MODES = SOCKET_MODES + EXTRA_MODES
+DEFAULT_MODES = SOCKET_MODES + EXTRA_MODES
+ALL_MODES = DEFAULT_MODES + ["soak"]  # soak (10 min by default) only when asked for: --modes soak
 RAW_KEY = "bench-raw-key"  # identity bench-raw: require_tls false (rate, lat, idle, bulk)
 TLS_KEY = "bench-tls-key"  # identity bench-tls: TLS required, SNI checked (tls-rate)
 DEFAULT_PROXY_CMD = "{python} {repo}/egress_guard.py"
@@ -790,7 +793,7 @@ def report_sockets(a, results):
     return "\n".join(lines)
 
 
-def goals(a, results, scale, stall_res):
+def goals(a, results, scale, stall_res, soak_res=None):
     """The issue-4 goals, one line each: measured value, target, verdict."""
     by = {r["name"]: r for r in results if r["status"] == "ok"}
     eg, base, tiny = by.get("egress-guard"), by.get("direct"), by.get("tinyproxy")
@@ -840,6 +843,8 @@ def goals(a, results, scale, stall_res):
                      % (sr["worst_gap_ms"], len(sr["reloads"]), "{:,}".format(sr["size"]),
                         sr["baseline"]["max_gap_ms"] or 0),
                      verdict(sr["worst_gap_ms"] <= 50)])
+    if soak.goal_row(soak_res):
+        rows.append(soak.goal_row(soak_res))
     if not rows:
         return ""
     note = "\n'?' = against the issue's reference figure, not a peer measured in this run."
@@ -920,7 +925,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="smoke run (< 60 s): 1 s modes, 300 idle tunnels, fewer timing rounds, 1 reload")
-    ap.add_argument("--modes", default=",".join(ALL_MODES), help="comma subset of " + ",".join(ALL_MODES))
+    ap.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                    help="comma subset of %s (default: all but soak)" % ",".join(ALL_MODES))
     ap.add_argument("--duration", type=float, default=None, help="seconds per socket mode (default 5, quick 1)")
     ap.add_argument("--proxy-cmd", default=DEFAULT_PROXY_CMD,
                     help="command that runs egress-guard; {python} {repo} {port} {metrics_port} {rundir} are "
@@ -957,6 +963,7 @@ def parse_args(argv=None):
     ap.add_argument("--stall-tunnels", type=int, default=4)
     ap.add_argument("--stall-pace-ms", type=float, default=1.0)
     ap.add_argument("--reload-timeout", type=float, default=90.0)
+    soak.add_arguments(ap)
     ap.add_argument("--max-total", type=float, default=900.0, help="hard cap on the socket part (s)")
     ap.add_argument("--json", default=None, help="raw results path (default bench/build/results-<timestamp>.json)")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the C tools even if up to date")
@@ -989,6 +996,7 @@ def parse_args(argv=None):
         ap.error("durations must be in (0, 60]")
     if not (1 <= a.reloads <= 50):
         ap.error("--reloads must be in [1, 50]")
+    soak.check_args(a, ap)
     a.peers = [p.strip() for p in a.peers.split(",") if p.strip() and p.strip() != "none"]
     for p in a.peers:
         if p not in ("gevent-relay", "tinyproxy", "squid"):
@@ -1041,16 +1049,16 @@ def main(argv=None):
         log("note: " + notes[-1])
     log("modes: %s%s" % (",".join(a.modes), " (quick)" if a.quick else ""))
 
-    old_tw = set_tw_cap(a.tw_cap) if (a.socket_modes or "reload-stall" in a.modes) else None
+    old_tw = set_tw_cap(a.tw_cap) if (a.socket_modes or "reload-stall" in a.modes or "soak" in a.modes) else None
     # with the cap applied, wait for the backlog to fall under it; without (not root),
     # at least under 40k, above which connect() measurably slows down
     tw_limit = a.tw_cap if old_tw is not None else 40000
     up = None
-    results, scale, stall_res = [], None, None
+    results, scale, stall_res, soak_res = [], None, None, None
     try:
-        need_upstream = a.socket_modes or "reload-stall" in a.modes
+        need_upstream = a.socket_modes or "reload-stall" in a.modes or "soak" in a.modes
         if need_upstream:
-            up = start_upstream(a, a.max_total + 600)
+            up = start_upstream(a, a.max_total + 600 + (soak.total_seconds(a) if "soak" in a.modes else 0))
             a.upstream_pid = up.pid
         if a.socket_modes:
             for i, t in enumerate(targets):
@@ -1076,6 +1084,11 @@ def main(argv=None):
             log("== reload stall")
             stall_res = run_stall(a)
             stall_res["gen_cpu"] = a.gen_cpu
+        if "soak" in a.modes:
+            if a.tw_cap:
+                drain_time_wait(tw_limit, a.drain_max)
+            log("== soak (%g minutes)" % a.soak_minutes)
+            soak_res = soak.run(a, sys.modules[__name__])
     finally:
         restore_tw_cap(old_tw)
         if up is not None:
@@ -1105,7 +1118,9 @@ def main(argv=None):
         sections.append("Policy scale (Identity.match / Policy.authenticate per call)\n" + policy_scale.report(scale))
     if stall_res:
         sections.append(report_stall(stall_res))
-    gl = goals(a, results, scale, stall_res)
+    if soak_res:
+        sections.append(soak.report(soak_res, fmt_table))
+    gl = goals(a, results, scale, stall_res, soak_res)
     if gl:
         sections.append(gl)
     for r in results:
@@ -1122,12 +1137,14 @@ def main(argv=None):
     with open(path, "w") as f:
         json.dump({"args": {k: v for k, v in vars(a).items()}, "machine": machine_info(), "version": git_version(),
                    "notes": notes, "total_s": total, "results": results, "policy_scale": scale,
-                   "reload_stall": stall_res}, f, indent=1, default=str)
+                   "reload_stall": stall_res, "soak": soak_res}, f, indent=1, default=str)
     shown = os.path.relpath(path, os.getcwd()) if path.startswith(os.getcwd() + os.sep) else path
     print("\nraw results: %s" % shown)
     failed = [r for r in results if r["status"] != "ok"]
     if stall_res and stall_res.get("status") != "ok":
         failed.append(stall_res)
+    if soak_res and soak_res.get("status") != "ok":
+        failed.append(soak_res)
     return 1 if failed else 0
 
 
