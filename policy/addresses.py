@@ -17,7 +17,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from .hosts import HostError, parse_host
 
@@ -65,6 +65,12 @@ def network_key(network: IPNetwork | str) -> NetworkKey:
     return 4, a << 24 | b << 16 | c << 8 | d, int(prefix) if prefix else 32
 
 
+class _Many(tuple):
+    """Several values on one index key (a lone value is stored bare)."""
+
+    __slots__ = ()
+
+
 class NetworkIndex(Generic[V]):
     """Values attached to networks, found by address without scanning.
 
@@ -80,11 +86,14 @@ class NetworkIndex(Generic[V]):
         for (version, value, plen), item in entries:
             level = tables.setdefault((version, plen), {})
             level.setdefault(value, []).append(item)
-        levels: dict[int, list[tuple[int, int, dict[int, tuple[V, ...]]]]] = {4: [], 6: []}
+        levels: dict[int, list[tuple[int, int, dict[int, Any]]]] = {4: [], 6: []}
         for (version, plen), table in tables.items():
             bits = _BITS[version]
             mask = ((1 << plen) - 1) << (bits - plen)
-            frozen = {key: tuple(values) for key, values in table.items()}
+            # A lone value is stored as itself, not in a 1-tuple: large policies are
+            # mostly one rule per network, and every object saved is one less to
+            # allocate on load and to free when a reload replaces the snapshot.
+            frozen = {key: values[0] if len(values) == 1 else _Many(values) for key, values in table.items()}
             levels[version].append((plen, mask, frozen))
         self._levels = {
             version: tuple((mask, table) for _, mask, table in sorted(found, key=lambda t: -t[0]))
@@ -96,7 +105,10 @@ class NetworkIndex(Generic[V]):
         for mask, table in self._levels[version]:
             hit = table.get(value & mask)
             if hit is not None:
-                yield from hit
+                if type(hit) is _Many:
+                    yield from hit
+                else:
+                    yield hit
 
     def __bool__(self) -> bool:
         return bool(self._levels[4] or self._levels[6])

@@ -45,7 +45,17 @@ def parse_ports(text: str) -> PortRange:
             raise DestinationError(f"port {port} out of range (1-65535)")
     if low > high:
         raise DestinationError(f"port range {low}-{high} is reversed (write {high}-{low})")
-    return PortRange(low, high)
+    # Policies repeat a few ports (443, 8000-8100...) across many rules: share the
+    # frozen PortRange objects instead of making one per rule.
+    ports = _PORT_RANGES.get((low, high))
+    if ports is None:
+        ports = PortRange(low, high)
+        if len(_PORT_RANGES) < 4096:
+            _PORT_RANGES[(low, high)] = ports
+    return ports
+
+
+_PORT_RANGES: dict[tuple[int, int], PortRange] = {}
 
 
 def parse_destination(text: str) -> Rule:
@@ -85,7 +95,9 @@ def parse_destination(text: str) -> Rule:
         raise DestinationError(str(err)) from None
     if parsed.ip is not None:
         return Rule(text, "ip", port_range, parsed.name)
-    return Rule(text, "domain", port_range, parsed.name)
+    # Share the string when the entry is already normalized ("api.example.com"): one
+    # object fewer per rule in large policies.
+    return Rule(text, "domain", port_range, text if text == parsed.name else parsed.name)
 
 
 def _split_port(text: str) -> tuple[str, str | None]:

@@ -84,7 +84,10 @@ class Rule:
         return self.text
 
 
-def _first_for_port(rules: tuple[Rule, ...], port: int) -> Rule | None:
+def _first_for_port(rules: Rule | tuple[Rule, ...], port: int) -> Rule | None:
+    if type(rules) is Rule:
+        ports = rules.ports
+        return rules if ports is None or ports.low <= port <= ports.high else None
     for rule in rules:
         ports = rule.ports
         if ports is None or ports.low <= port <= ports.high:
@@ -92,11 +95,13 @@ def _first_for_port(rules: tuple[Rule, ...], port: int) -> Rule | None:
     return None
 
 
-def _group(pairs: Iterable[tuple[str, Rule]]) -> Mapping[str, tuple[Rule, ...]]:
+def _group(pairs: Iterable[tuple[str, Rule]]) -> Mapping[str, Rule | tuple[Rule, ...]]:
     grouped: dict[str, list[Rule]] = {}
     for key, rule in pairs:
         grouped.setdefault(key, []).append(rule)
-    return MappingProxyType({key: tuple(rules) for key, rules in grouped.items()})
+    # A lone rule is stored bare, not in a 1-tuple: most keys have one rule, and every
+    # object saved is one less to allocate on load and to free when a reload swaps it.
+    return MappingProxyType({key: rules[0] if len(rules) == 1 else tuple(rules) for key, rules in grouped.items()})
 
 
 @dataclass(frozen=True, slots=True, eq=False, kw_only=True)
@@ -113,8 +118,8 @@ class Identity:
     allow_http: bool = True
     max_tunnels: int | None = None
     rules: tuple[Rule, ...] = ()
-    _names: Mapping[str, tuple[Rule, ...]] = field(init=False, repr=False)
-    _suffixes: Mapping[str, tuple[Rule, ...]] = field(init=False, repr=False)
+    _names: Mapping[str, Rule | tuple[Rule, ...]] = field(init=False, repr=False)
+    _suffixes: Mapping[str, Rule | tuple[Rule, ...]] = field(init=False, repr=False)
     _networks: NetworkIndex[Rule] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
