@@ -90,6 +90,7 @@ class EgressGuard:
 
     def handle(self, client: socket.socket, address: Any) -> None:
         peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+        del address
         if len(self.connections) > self.settings.max_connections:
             attempt = Attempt(peer)
             self._refuse(client, attempt, Refusal(503, "too many connections; retry shortly",
@@ -112,8 +113,9 @@ class EgressGuard:
                     # An open tunnel keeps nothing of its handshake alive (memory per
                     # idle tunnel), nor the policy snapshot it was judged by.
                     del head, request, buffered
+                    attempt = None
                     if tunnel is not None:
-                        self.pump(tunnel, attempt)
+                        self.pump(tunnel)
                     return
                 keep_alive, buffered = forwarding.forward(self, client, request, buffered, attempt)
                 if not keep_alive:
@@ -129,8 +131,10 @@ class EgressGuard:
                 log.debug("client connection error", extra={"client": peer, "error": str(error)})
                 return
             except Exception:  # noqa: BLE001 - a bug ends this connection, never the server
-                log.exception("internal error while handling a connection",
-                              extra={"client": peer, "identity": attempt.identity, "destination": attempt.destination})
+                fields = {"client": peer}
+                if attempt is not None:
+                    fields.update(identity=attempt.identity, destination=attempt.destination)
+                log.exception("internal error while handling a connection", extra=fields)
                 return
 
     def _refuse(self, client: socket.socket, attempt: Attempt, refusal: Refusal) -> None:
@@ -175,6 +179,7 @@ class EgressGuard:
         if first is None:
             return None
         tunnel.first = first
+        self.record(attempt, attempt.status, attempt.reason or "destination allowed")
         return tunnel
 
     def authenticate(self, current: Policy, request: http.Request) -> tuple[str, Identity]:
@@ -292,9 +297,8 @@ class EgressGuard:
         except OSError:
             pass
 
-    def pump(self, tunnel: Tunnel, attempt: Attempt) -> None:
+    def pump(self, tunnel: Tunnel) -> None:
         """Step 10: forward the peeked bytes, then copy both ways until done."""
-        self.record(attempt, attempt.status, attempt.reason or "destination allowed")
         self.tunnels.add(tunnel)
         self.metrics.active_tunnels.inc()
         try:
