@@ -12,7 +12,7 @@ Typical use by the proxy::
 """
 
 from .addresses import DEFAULT_FORBIDDEN, ForbiddenRanges
-from .decide import Decision, decide_addresses, decide_destination, decide_plaintext, decide_sni
+from .decide import Decision, decide_addresses, decide_destination, decide_http, decide_plaintext, decide_sni
 from .destinations import DestinationError, parse_destination
 from .hosts import Host, HostError, parse_host
 from .load import load_policy_file, load_policy_text
@@ -32,6 +32,7 @@ __all__ = [
     "Rule",
     "decide_addresses",
     "decide_destination",
+    "decide_http",
     "decide_plaintext",
     "decide_sni",
     "load_policy_file",

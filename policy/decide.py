@@ -34,6 +34,8 @@ __all__ = [
     "REASON_DESTINATION_NOT_ALLOWED",
     "REASON_FORBIDDEN_ADDRESS",
     "REASON_FORBIDDEN_ADDRESS_ALLOWED",
+    "REASON_HTTP_ALLOWED",
+    "REASON_HTTP_DISABLED",
     "REASON_INVALID_PORT",
     "REASON_NO_ADDRESSES",
     "REASON_PLAINTEXT_ALLOWED",
@@ -52,6 +54,7 @@ __all__ = [
     "Decision",
     "decide_addresses",
     "decide_destination",
+    "decide_http",
     "decide_plaintext",
     "decide_sni",
 ]
@@ -72,6 +75,8 @@ REASON_FORBIDDEN_ADDRESS = "forbidden address"  # [address in range (label)]
 REASON_NO_ADDRESSES = "no addresses"
 REASON_TLS_REQUIRED = "tls required"
 REASON_PLAINTEXT_ALLOWED = "plaintext allowed"
+REASON_HTTP_ALLOWED = "plain http allowed"
+REASON_HTTP_DISABLED = "plain-HTTP forwarding is disabled"  # [for identity NAME (allow_http: false); use CONNECT]
 REASON_SNI_ALLOWED = "sni allowed"  # [rule text]
 REASON_SNI_ABSENT = "no sni for ip target"
 REASON_SNI_MISSING = "sni missing"
@@ -157,6 +162,14 @@ def decide_plaintext(identity: Identity) -> Decision:
     if not identity.require_tls:
         return _allow(REASON_PLAINTEXT_ALLOWED)
     return _refuse(identity, STATUS_DENIED, REASON_TLS_REQUIRED)
+
+
+def decide_http(identity: Identity) -> Decision:
+    """May `identity` use plain-HTTP forwarding of http:// URLs at all?"""
+    if identity.allow_http:
+        return _allow(REASON_HTTP_ALLOWED)
+    return _refuse(identity, STATUS_DENIED,
+                   f"{REASON_HTTP_DISABLED} for identity {identity.name} (allow_http: false); use CONNECT")
 
 
 def decide_sni(identity: Identity, target: Host, port: int, sni: str | None) -> Decision:

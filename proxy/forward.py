@@ -30,11 +30,10 @@ import time
 from typing import Any
 
 import gevent
-import gevent.select
 from gevent import socket
 
 import policy
-from policy import Decision, Identity, Policy
+from policy import Identity, Policy
 from proxy.errors import Refusal, response
 from proxy.pump import abort, wait_readable
 from wire import http
@@ -243,16 +242,6 @@ class Upload:
         return self.error is None
 
 
-def http_decision(identity: Identity) -> Decision:
-    """May this identity use plain-HTTP forwarding at all? (Report mode only notes it.)"""
-    if identity.allow_http:
-        return Decision(True, "allowed", "plain http allowed")
-    reason = f"plain-HTTP forwarding is disabled for identity {identity.name} (allow_http: false); use CONNECT"
-    if identity.reports_only:
-        return Decision(True, "reported", f"would deny: {reason}")
-    return Decision(False, "denied", reason)
-
-
 def forward(guard: Any, client: socket.socket, request: http.Request, buffered: bytes,
             attempt: Any) -> tuple[bool, bytes]:
     """Judge and relay one absolute-form request; (keep the client connection, leftover)."""
@@ -260,7 +249,7 @@ def forward(guard: Any, client: socket.socket, request: http.Request, buffered: 
     attempt.host, attempt.port = request.host, request.port
     _, identity = guard.authenticate(current, request)
     attempt.identity = identity.name
-    guard.judge(attempt, http_decision(identity))
+    guard.judge(attempt, policy.decide_http(identity))
     guard.judge(attempt, policy.decide_destination(identity, request.host, request.port))
     try:
         framing = request_framing(request)

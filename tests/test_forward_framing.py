@@ -1,6 +1,6 @@
 """Plain-HTTP forwarding, the pure part (`wire.message`): request and response framing
 (the smuggling shapes), the chunked-body parser, hop-by-hop stripping and the heads each
-side gets; and the `allow_http` decision (`proxy.forward`)."""
+side gets; and the `allow_http` decision (`policy.decide_http`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy import forward
 from wire import http, message
 from wire.message import CHUNKED, NO_BODY, UNTIL_CLOSE, ChunkedBody, ChunkError, Framing, FramingError
 
@@ -394,7 +393,7 @@ def test_interim_response_head_has_no_connection_field() -> None:
 
 
 def test_allow_http_decision() -> None:
-    from policy import load_policy_text
+    from policy import decide_http, load_policy_text
 
     current = load_policy_text(
         "identities:\n"
@@ -402,8 +401,8 @@ def test_allow_http_decision() -> None:
         "  closed: {api_keys: [k2], allowed_destinations: [a.example], allow_http: false}\n"
         "  watch: {api_keys: [k3], allowed_destinations: [a.example], allow_http: false, mode: report}\n"
     )
-    assert forward.http_decision(current.identities["open"]).allowed
-    closed = forward.http_decision(current.identities["closed"])
+    assert decide_http(current.identities["open"]).allowed
+    closed = decide_http(current.identities["closed"])
     assert not closed.allowed and "allow_http: false" in closed.reason and "closed" in closed.reason
-    watched = forward.http_decision(current.identities["watch"])
+    watched = decide_http(current.identities["watch"])
     assert watched.allowed and watched.status == "reported" and watched.reason.startswith("would deny")
