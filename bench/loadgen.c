@@ -246,18 +246,12 @@ static void after_tunnel(int i, size_t extra) {
         if (extra) { fail(i, E_PROTO, "unexpected bytes after 200"); return; }
         c->state = S_SEND_PAY;
         break;
-    case M_BULK:
+    case M_BULK: case M_BULKDOWN:
         if (c->pending) { c->pending = 0; n_pending--; }
         established++;
         c->tdl = 0;
-        c->state = S_STREAM_UP;
-        break;
-    case M_BULKDOWN:
-        if (c->pending) { c->pending = 0; n_pending--; }
-        established++;
-        c->tdl = 0;
-        bytes_total += extra;
-        c->state = S_STREAM_DOWN;
+        if (mode == M_BULKDOWN) bytes_total += extra;
+        c->state = mode == M_BULK ? S_STREAM_UP : S_STREAM_DOWN;
         break;
     }
 }
@@ -297,6 +291,30 @@ static int parse_status(const char *h, size_t n) {
     return (h[9] - '0') * 100 + (h[10] - '0') * 10 + (h[11] - '0');
 }
 
+/* One non-blocking send/recv result: 1 to go on with `n` bytes; 0 to stop, on EAGAIN
+   or after recording a failure. `closed` names what an EOF means (NULL: not an error). */
+static int io_ok(int i, ssize_t n, const char *closed, const char *failed) {
+    if (n == 0 && closed) { fail(i, E_CLOSED, closed); return 0; }
+    if (n < 0) {
+        if (errno != EAGAIN) fail(i, E_IO, failed);
+        return 0;
+    }
+    return 1;
+}
+
+/* A bulk tunnel's turn: send (up) or drain (down) until EAGAIN or MAX_STEPS chunks;
+   returns 1 when more work remains without a new edge (caller requeues). */
+static int bulk_steps(int i, int fd, int up) {
+    for (int k = 0; k < MAX_STEPS; k++) {
+        ssize_t n = up ? send(fd, bulkbuf, BULK_CHUNK, MSG_NOSIGNAL | MSG_DONTWAIT)
+                       : recv(fd, NULL, 1 << 20, MSG_TRUNC | MSG_DONTWAIT);
+        if (!io_ok(i, n, up ? NULL : "bulk-down tunnel closed", up ? "bulk send failed" : "bulk-down recv failed"))
+            return 0;
+        bytes_total += (uint64_t)n;
+    }
+    return 1;
+}
+
 /* returns 1 when more work remains without a new edge (caller requeues) */
 static int drive(int i, uint32_t events) {
     struct conn *c = &conns[i];
@@ -322,22 +340,13 @@ static int drive(int i, uint32_t events) {
         }
         case S_SEND_REQ:
             n = send(fd, req + c->off, reqlen - c->off, MSG_NOSIGNAL | MSG_DONTWAIT);
-            if (n < 0) {
-                if (errno == EAGAIN) return 0;
-                fail(i, E_IO, "send CONNECT failed");
-                return 0;
-            }
+            if (!io_ok(i, n, NULL, "send CONNECT failed")) return 0;
             c->off += (uint32_t)n;
             if (c->off == reqlen) { c->state = S_READ_RESP; c->hlen = 0; }
             break;
         case S_READ_RESP: {
             n = recv(fd, c->hbuf + c->hlen, HBUF - 1 - c->hlen, MSG_DONTWAIT);
-            if (n == 0) { fail(i, E_CLOSED, "proxy closed before CONNECT response"); return 0; }
-            if (n < 0) {
-                if (errno == EAGAIN) return 0;
-                fail(i, E_IO, "recv CONNECT response failed");
-                return 0;
-            }
+            if (!io_ok(i, n, "proxy closed before CONNECT response", "recv CONNECT response failed")) return 0;
             c->hlen += (uint32_t)n;
             c->hbuf[c->hlen] = 0;
             char *e = memmem(c->hbuf, c->hlen, "\r\n\r\n", 4);
@@ -361,22 +370,13 @@ static int drive(int i, uint32_t events) {
         }
         case S_SEND_PAY:
             n = send(fd, payload + c->off, (size_t)plen - c->off, MSG_NOSIGNAL | MSG_DONTWAIT);
-            if (n < 0) {
-                if (errno == EAGAIN) return 0;
-                fail(i, E_IO, "send payload failed");
-                return 0;
-            }
+            if (!io_ok(i, n, NULL, "send payload failed")) return 0;
             c->off += (uint32_t)n;
             if (c->off == (uint32_t)plen) { c->state = S_READ_ECHO; c->off = 0; }
             break;
         case S_READ_ECHO:
             n = recv(fd, c->rbuf + c->off, (size_t)plen - c->off, MSG_DONTWAIT);
-            if (n == 0) { fail(i, E_CLOSED, "tunnel closed before full echo"); return 0; }
-            if (n < 0) {
-                if (errno == EAGAIN) return 0;
-                fail(i, E_IO, "recv echo failed");
-                return 0;
-            }
+            if (!io_ok(i, n, "tunnel closed before full echo", "recv echo failed")) return 0;
             c->off += (uint32_t)n;
             if (c->off == (uint32_t)plen) {
                 if (memcmp(c->rbuf, payload, (size_t)plen) != 0) {
@@ -391,38 +391,13 @@ static int drive(int i, uint32_t events) {
             if (!(events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))) return 0;
             char b;
             n = recv(fd, &b, 1, MSG_DONTWAIT | MSG_PEEK);
-            if (n == 0) { fail(i, E_CLOSED, "idle tunnel closed by proxy"); return 0; }
-            if (n < 0) {
-                if (errno == EAGAIN) return 0;
-                fail(i, E_IO, "idle tunnel error");
-                return 0;
-            }
+            if (!io_ok(i, n, "idle tunnel closed by proxy", "idle tunnel error")) return 0;
             fail(i, E_PROTO, "unexpected data on idle tunnel");
             return 0;
         }
         case S_STREAM_UP:
-            for (int k = 0; k < MAX_STEPS; k++) {
-                n = send(fd, bulkbuf, BULK_CHUNK, MSG_NOSIGNAL | MSG_DONTWAIT);
-                if (n < 0) {
-                    if (errno == EAGAIN) return 0;
-                    fail(i, E_IO, "bulk send failed");
-                    return 0;
-                }
-                bytes_total += (uint64_t)n;
-            }
-            return 1;
         case S_STREAM_DOWN:
-            for (int k = 0; k < MAX_STEPS; k++) {
-                n = recv(fd, NULL, 1 << 20, MSG_TRUNC | MSG_DONTWAIT);
-                if (n == 0) { fail(i, E_CLOSED, "bulk-down tunnel closed"); return 0; }
-                if (n < 0) {
-                    if (errno == EAGAIN) return 0;
-                    fail(i, E_IO, "bulk-down recv failed");
-                    return 0;
-                }
-                bytes_total += (uint64_t)n;
-            }
-            return 1;
+            return bulk_steps(i, fd, c->state == S_STREAM_UP);
         default:
             return 0;
         }
@@ -449,6 +424,11 @@ static void usage(void) {
             "       [-u USER[:PASS]] [-c CONC] [-d SECONDS] [-r RAMP_S] [-n BYTES]\n"
             "       [-s SNI] [-T OP_TIMEOUT_S] [-i MAX_INFLIGHT] [-H HELLO_FILE] [-A AUTHORITY] [-q]\n");
     exit(2);
+}
+
+static void serve_queued(int i) {
+    conns[i].queued = 0;
+    if (conns[i].fd >= 0 && drive(i, EPOLLIN | EPOLLOUT)) enqueue(i);
 }
 
 int main(int argc, char **argv) {
@@ -648,15 +628,7 @@ int main(int argc, char **argv) {
             if (c->queued) continue;
             if (drive((int)idx, evs[k].events)) enqueue((int)idx);
         }
-        int m = nready;
-        memcpy(tmpq, readyq, sizeof(int) * (size_t)m);
-        nready = 0;
-        for (int k = 0; k < m; k++) {
-            int idx = tmpq[k];
-            conns[idx].queued = 0;
-            if (conns[idx].fd < 0) continue;
-            if (drive(idx, EPOLLIN | EPOLLOUT)) enqueue(idx);
-        }
+        serve_ready(&readyq, &tmpq, &nready, serve_queued);
     }
     uint64_t t_end = now_ns();
     uint64_t open_at_end = 0;

@@ -163,29 +163,33 @@ def log_tail(rundir, n=15):
     return "\n".join(out)
 
 
-def port_open(port, host="127.0.0.1"):
+def _socket_can(host, action):
+    """True if `action(sock)` on a fresh socket for `host` raises no OSError."""
     s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    s.settimeout(0.2)
     try:
-        s.connect((host, port))
+        action(s)
         return True
     except OSError:
         return False
     finally:
         s.close()
+
+
+def port_open(port, host="127.0.0.1"):
+    def connect(s):
+        s.settimeout(0.2)
+        s.connect((host, port))
+
+    return _socket_can(host, connect)
 
 
 def port_free(port, host="127.0.0.1"):
     """True if a server could bind the port (SO_REUSEADDR, so TIME_WAIT is fine)."""
-    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
+    def bind(s):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((host, port))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
+
+    return _socket_can(host, bind)
 
 
 def wait_ready(proc, port, rundir, timeout=15.0, host="127.0.0.1"):

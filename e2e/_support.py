@@ -65,7 +65,7 @@ CERT_NAMES = ("api.example.com", "other.example.com", "evil.example.com", "allow
               "xn--bcher-kva.example.com", "paypal.example.com", "127.0.0.1")
 
 
-# DESIGN.md's closed set of decision words (metric label `status`, log field `action`).
+# The README's closed set of decision words (Statuses) (metric label `status`, log field `action`).
 STATUS_WORDS = frozenset({"allowed", "denied", "auth_required", "bad_request", "connection_failed",
                           "sni_mismatch", "timeout", "limited", "reported"})
 
@@ -294,7 +294,7 @@ class Proxy:
         return self.metrics().value("egress_proxy_requests_total", **labels)
 
     def assert_status_words(self) -> None:
-        """Every status label and log action so far is one of DESIGN.md's words."""
+        """Every status label and log action so far is one of the README's status words."""
         labels = {s["status"] for s in self.metrics().series("egress_proxy_requests_total")}
         actions = {l["action"] for l in self.log_lines() if "action" in l}
         assert labels and labels <= STATUS_WORDS, labels - STATUS_WORDS
@@ -457,6 +457,16 @@ class Upstream:
             self.listener.close()
         except OSError:
             pass
+
+
+def assert_never_dialled(decision: dict, upstream: Upstream, mark: int = 0) -> None:
+    """The request behind `decision` (its logged decision line) reached no destination.
+
+    The decision line names the `address` dialled whenever the proxy dialled one, and it
+    is written after any dial, so its absence is the proof; the upstream's own record
+    must agree (no connection since `mark`)."""
+    assert "address" not in decision, f"a refused request was dialled: {decision}"
+    assert upstream.since(mark) == [], "a refused request was dialled"
 
 
 def server_context(ca: Any) -> ssl.SSLContext:

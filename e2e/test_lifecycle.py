@@ -300,7 +300,7 @@ def test_shutdown_timeout_also_ends_connections_without_a_tunnel(start_proxy, tl
     silent = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
     try:
         silent.sendall(b"CONNECT api.example.com:443 HTTP/1.1\r\n")  # ...and no more
-        time.sleep(0.2)
+        assert wait_until(lambda: proxy.metrics().value("egress_proxy_client_connections") >= 2, 5)
         started = time.monotonic()
         proxy.signal(signal.SIGTERM)
         assert proxy.wait_exit(10) == 0, proxy.output()

@@ -33,11 +33,20 @@ def silent_clients(proxy: Proxy, count: int) -> list[socket.socket]:
     return socks
 
 
+def client_connections(proxy: Proxy) -> float:
+    return proxy.metrics().value("egress_proxy_client_connections")
+
+
+def wait_accepted(proxy: Proxy, count: int) -> None:
+    """Until the proxy holds `count` client connections (its gauge says so)."""
+    assert wait_until(lambda: client_connections(proxy) >= count, 5), client_connections(proxy)
+
+
 def test_max_connections_answers_503_quickly(start_proxy, tls_upstream: Upstream, ca) -> None:
     proxy: Proxy = start_proxy(POLICY, MAX_CONNECTIONS="5", HEADER_TIMEOUT="30")
     held = silent_clients(proxy, 5)
     try:
-        time.sleep(0.3)  # let the proxy accept all five
+        wait_accepted(proxy, 5)
         before = proxy.requests_total(status="limited")
         started = time.monotonic()
         with connect(proxy, f"api.example.com:{tls_upstream.port}", "app-key", timeout=5) as reply:
@@ -70,7 +79,7 @@ def test_max_connections_admits_exactly_the_limit(start_proxy, tls_upstream: Ups
     proxy: Proxy = start_proxy(POLICY, MAX_CONNECTIONS="5", HEADER_TIMEOUT="30")
     held = silent_clients(proxy, 4)
     try:
-        time.sleep(0.3)
+        wait_accepted(proxy, 4)
         with connect(proxy, f"api.example.com:{tls_upstream.port}", "app-key", timeout=5) as reply:
             assert reply.status == 200, "the fifth connection was refused with MAX_CONNECTIONS=5"
             stream = tls_wrap(reply.sock, ca, "api.example.com")
@@ -86,7 +95,7 @@ def test_300_silent_clients_do_not_delay_a_real_one(start_proxy, tls_upstream: U
     proxy: Proxy = start_proxy(POLICY, HEADER_TIMEOUT="2")
     held = silent_clients(proxy, 300)
     try:
-        time.sleep(0.2)
+        wait_accepted(proxy, 300)
         started = time.monotonic()
         with connect(proxy, f"api.example.com:{tls_upstream.port}", "app-key", timeout=5) as reply:
             assert reply.status == 200

@@ -1,4 +1,4 @@
-"""The TLS ClientHello check end to end (issue 2, DESIGN.md steps 8-10): the SNI is
+"""The TLS ClientHello check end to end (steps 8-10 of docs/ARCHITECTURE.md): the SNI is
 judged before a client byte reaches the destination, a refused hello gets a TLS
 `access_denied` alert, a hello split across segments or records is reassembled, and
 non-TLS streams pass only for identities with `require_tls: false`.
@@ -356,5 +356,5 @@ def test_ipv6_literal_target(proxy: Proxy) -> None:
 
 
 def test_status_words_are_the_documented_set(proxy: Proxy) -> None:
-    """Runs last in this module: everything above used only DESIGN.md's status words."""
+    """Runs last in this module: everything above used only the README's status words."""
     proxy.assert_status_words()

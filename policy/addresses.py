@@ -1,6 +1,6 @@
 """Address ranges: the forbidden-address guard and the network index behind CIDR rules.
 
-DESIGN.md step 6: every address a name resolves to is checked against forbidden ranges
+Step 6 of docs/ARCHITECTURE.md: every address a name resolves to is checked against forbidden ranges
 (loopback, link-local incl. cloud metadata, ...) before it is dialled. IPv6 has several
 ways to carry an IPv4 address that the network will deliver to that IPv4 host (mapped,
 NAT64, 6to4, Teredo); those are judged on the IPv4 they carry, or ``64:ff9b::7f00:1``
@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from .hosts import HostError, parse_host
+from .hosts import HostError, parse_host, unwrap
 
 __all__ = [
     "DEFAULT_FORBIDDEN",
@@ -28,7 +28,6 @@ __all__ = [
     "IPNetwork",
     "NetworkError",
     "NetworkIndex",
-    "embedded_ipv4",
     "network_key",
     "network_parts",
     "parse_network",
@@ -132,18 +131,6 @@ _EMBEDDINGS: tuple[_Embedding, ...] = (
 )
 
 
-def embedded_ipv4(ip: IPAddress) -> tuple[tuple[str, ipaddress.IPv4Address], ...]:
-    """The IPv4 addresses an IPv6 address carries, with the name of each embedding."""
-    if ip.version != 6:
-        return ()
-    x = int(ip)
-    return tuple(
-        (name, ipaddress.IPv4Address(extract(x)))
-        for name, prefix, plen, extract in _EMBEDDINGS
-        if x >> (128 - plen) == prefix >> (128 - plen)
-    )
-
-
 @dataclass(frozen=True)
 class ForbiddenRanges:
     """Networks no identity may reach unless it allows the address explicitly.
@@ -161,10 +148,7 @@ class ForbiddenRanges:
 
     def match(self, ip: IPAddress) -> str | None:
         """The reason `ip` is forbidden (its range and label), or None if it is not."""
-        if ip.version == 6:
-            mapped = ip.ipv4_mapped
-            if mapped is not None:
-                ip = mapped
+        ip = unwrap(ip)
         for reason in self._index.lookup(ip.version, int(ip)):
             return reason
         if ip.version == 6:

@@ -1,71 +1,61 @@
-"""Decisions: what the proxy should do at each check, as values with fixed reasons.
+"""Decisions: the one ordered check list every request is judged by.
 
-The proxy asks in the order a connection lives (DESIGN.md steps 5-9):
+`judge()` walks the checks in the order a request lives (docs/ARCHITECTURE.md, steps
+4-9) and stops at the first refusal:
 
-1. `decide_destination` - is the CONNECT target allowed for this identity and port?
-2. `decide_addresses`   - is every address the name resolved to outside the forbidden
-                          ranges (or explicitly allowed by an IP/CIDR rule)?
-3. `decide_plaintext`   - the stream did not start with a TLS ClientHello: may it pass?
-4. `decide_sni`         - does the ClientHello's SNI agree with the target and the policy?
+1. authenticate      - the API key names an identity (else `auth_required`, 407);
+2. plain HTTP        - for an absolute-form http:// request: `allow_http` (403);
+3. destination       - a rule allows this host at this port (403);
+4. addresses         - every address the name resolved to is outside the forbidden
+                       ranges, or allowed explicitly by an IP/CIDR rule (403);
+5. stream            - the client's first bytes: not TLS needs `require_tls: false`;
+                       a ClientHello's SNI must agree with the target and the policy.
 
-Each returns a `Decision`. `reason` is one of the REASON_* constants below, optionally
-followed by ``": "`` and a detail (the rule, the range, the SNI name); tests and log
-queries match on the constant. Reasons never contain an API key.
+A check whose facts are not known yet (addresses before the lookup, the stream before
+the client has sent anything) is skipped, so the live proxy asks again as it learns
+more, the re-check after a reload asks with everything the tunnel knows, and
+`explain` asks with what the operator gave it: all through this one function, so they
+cannot disagree.
 
-Report mode (``mode: report``) turns the refusals of steps 1, 3 and 4 into
-``allowed=True, status="reported"`` with reason ``"would deny: <reason>"``. It never
-relaxes step 2: the forbidden ranges protect the cluster, not the allowlist, and
-authentication happens before any of this.
+Each check returns a `Decision`. `reason` is one of the REASON_* constants below,
+optionally followed by ``": "`` and a detail (the rule, the range, the SNI name); tests
+and log queries match on the constant. Reasons never contain an API key.
+
+Report mode (``mode: report``) turns the refusals of checks 2, 3 and 5 into
+``allowed=True, status=REPORTED`` with reason ``"would deny: <reason>"``. It never
+relaxes checks 1 and 4: authentication and the forbidden ranges protect the proxy and
+the cluster, not the allowlist.
 """
 
 from __future__ import annotations
 
+import enum
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from .addresses import IPAddress
+from .addresses import IPAddress, unwrap
 from .hosts import Host, HostError, parse_host
 from .model import Identity, Policy, Rule
 
-__all__ = [
-    "REASON_ADDRESSES_ALLOWED",
-    "REASON_DESTINATION_ALLOWED",
-    "REASON_DESTINATION_NOT_ALLOWED",
-    "REASON_FORBIDDEN_ADDRESS",
-    "REASON_FORBIDDEN_ADDRESS_ALLOWED",
-    "REASON_HTTP_ALLOWED",
-    "REASON_HTTP_DISABLED",
-    "REASON_INVALID_PORT",
-    "REASON_NO_ADDRESSES",
-    "REASON_PLAINTEXT_ALLOWED",
-    "REASON_SNI_ABSENT",
-    "REASON_SNI_ALLOWED",
-    "REASON_SNI_INVALID",
-    "REASON_SNI_MISMATCH",
-    "REASON_SNI_MISSING",
-    "REASON_SNI_NOT_ALLOWED",
-    "REASON_TLS_REQUIRED",
-    "REASON_WOULD_DENY",
-    "STATUS_ALLOWED",
-    "STATUS_DENIED",
-    "STATUS_REPORTED",
-    "STATUS_SNI_MISMATCH",
-    "Decision",
-    "decide_addresses",
-    "decide_destination",
-    "decide_http",
-    "decide_plaintext",
-    "decide_sni",
-]
 
-# Status words (a subset of DESIGN.md's closed set; the proxy owns the others).
-STATUS_ALLOWED = "allowed"
-STATUS_DENIED = "denied"
-STATUS_SNI_MISMATCH = "sni_mismatch"
-STATUS_REPORTED = "reported"
+class Status(enum.StrEnum):
+    """The closed set of decision words: metric label `status`, log field `action`."""
+
+    ALLOWED = "allowed"
+    DENIED = "denied"
+    AUTH_REQUIRED = "auth_required"
+    BAD_REQUEST = "bad_request"
+    CONNECTION_FAILED = "connection_failed"
+    SNI_MISMATCH = "sni_mismatch"
+    TIMEOUT = "timeout"
+    LIMITED = "limited"
+    REPORTED = "reported"
+
 
 # Reasons. Detail after ": " is given in brackets.
+REASON_AUTH_MISSING = "proxy authentication required (Proxy-Authorization: Basic, username = API key)"
+REASON_AUTH_UNKNOWN = "unknown API key"
 REASON_DESTINATION_ALLOWED = "destination allowed"  # [rule text]
 REASON_DESTINATION_NOT_ALLOWED = "destination not allowed"
 REASON_INVALID_PORT = "invalid port"
@@ -95,43 +85,155 @@ class Decision:
     reason: str
     rule: Rule | None = None
 
-    def __bool__(self) -> bool:
-        return self.allowed
-
 
 def _detail(reason: str, detail: object) -> str:
     return f"{reason}: {detail}"
 
 
 def _allow(reason: str, rule: Rule | None = None) -> Decision:
-    return Decision(True, STATUS_ALLOWED, reason, rule)
+    return Decision(True, Status.ALLOWED, reason, rule)
 
 
 def _refuse(identity: Identity, status: str, reason: str, rule: Rule | None = None) -> Decision:
     """A refusal, or in report mode the record of one that lets the request through."""
     if identity.mode == "report":
-        return Decision(True, STATUS_REPORTED, _detail(REASON_WOULD_DENY, reason), rule)
+        return Decision(True, Status.REPORTED, _detail(REASON_WOULD_DENY, reason), rule)
     return Decision(False, status, reason, rule)
 
 
+# ---------------------------------------------------------------------------
+# The ordered check list.
+
+
+@dataclass(frozen=True, slots=True)
+class Question:
+    """What the proxy knows about one request when it asks the policy.
+
+    `addresses` None: the name is not resolved yet (or, for `explain`, not given).
+    `tls` None: the client has not sent its first bytes yet; True with `sni` the
+    ClientHello's server_name (None: the hello carried none).
+    """
+
+    host: Host
+    port: int
+    http: bool = False
+    addresses: tuple[IPAddress, ...] | None = None
+    tls: bool | None = None
+    sni: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The outcome of the check list: who asked, and the decisions taken in order.
+
+    `decisions` ends at the first refusal (then `refusal` is it). `rule` is the first
+    rule any check matched; `reported` the reasons report mode let through.
+    """
+
+    identity: Identity | None
+    decisions: tuple[Decision, ...]
+
+    @property
+    def refusal(self) -> Decision | None:
+        last = self.decisions[-1] if self.decisions else None
+        return last if last is not None and not last.allowed else None
+
+    @property
+    def allowed(self) -> bool:
+        return self.identity is not None and self.refusal is None
+
+    @property
+    def rule(self) -> Rule | None:
+        for decision in self.decisions:
+            if decision.rule is not None:
+                return decision.rule
+        return None
+
+    @property
+    def reported(self) -> tuple[str, ...]:
+        return tuple(d.reason for d in self.decisions if d.status == Status.REPORTED)
+
+    @property
+    def status(self) -> str:
+        """The decision word for the record: refused, reported or allowed."""
+        refusal = self.refusal
+        if refusal is not None:
+            return refusal.status
+        return Status.REPORTED if self.reported else Status.ALLOWED
+
+    @property
+    def reason(self) -> str:
+        refusal = self.refusal
+        if refusal is not None:
+            return refusal.reason
+        return "; ".join(self.reported) or REASON_DESTINATION_ALLOWED
+
+
+def authenticate(policy: Policy, key: str | None) -> Decision | Identity:
+    """Check 1: the identity owning `key`, or the refusal (never relaxed)."""
+    if key is None:
+        return Decision(False, Status.AUTH_REQUIRED, REASON_AUTH_MISSING)
+    identity = policy.authenticate(key)
+    if identity is None:
+        return Decision(False, Status.AUTH_REQUIRED, REASON_AUTH_UNKNOWN)
+    return identity
+
+
+def judge(policy: Policy, key: str | None, question: Question, identity: Identity | None = None) -> Verdict:
+    """Walk the check list for `question`; `identity` skips check 1 when the caller
+    already authenticated `key` against this same `policy`."""
+    if identity is None:
+        found = authenticate(policy, key)
+        if isinstance(found, Decision):
+            return Verdict(None, (found,))
+        identity = found
+    decisions: list[Decision] = []
+    for decision in checks(policy, identity, question):
+        decisions.append(decision)
+        if not decision.allowed:
+            break
+    return Verdict(identity, tuple(decisions))
+
+
+def checks(policy: Policy, identity: Identity, question: Question) -> Iterator[Decision]:
+    """Checks 2-5 in order, each as soon as its facts are known."""
+    host, port = question.host, question.port
+    if question.http:
+        yield decide_http(identity)
+    yield decide_destination(identity, host, port)
+    if question.addresses is not None:
+        yield decide_addresses(policy, identity, question.addresses, port)
+    if question.tls is False:
+        yield decide_plaintext(identity)
+    elif question.tls:
+        yield decide_sni(identity, host, port, question.sni)
+
+
+# ---------------------------------------------------------------------------
+# The checks.
+
+
+def decide_http(identity: Identity) -> Decision:
+    """Check 2: may `identity` use plain-HTTP forwarding of http:// URLs at all?"""
+    if identity.allow_http:
+        return _allow(REASON_HTTP_ALLOWED)
+    return _refuse(identity, Status.DENIED,
+                   f"{REASON_HTTP_DISABLED} for identity {identity.name} (allow_http: false); use CONNECT")
+
+
 def decide_destination(identity: Identity, host: Host, port: int) -> Decision:
-    """Step 1: may `identity` connect to `host` at `port`?"""
+    """Check 3: may `identity` connect to `host` at `port`?"""
     if type(port) is not int or not 1 <= port <= 65535:
         # A programming error upstream, never relaxed: there is no such destination.
-        return Decision(False, STATUS_DENIED, REASON_INVALID_PORT)
+        return Decision(False, Status.DENIED, REASON_INVALID_PORT)
     rule = identity.match(host, port)
     if rule is not None:
         return _allow(_detail(REASON_DESTINATION_ALLOWED, rule.text), rule)
-    return _refuse(identity, STATUS_DENIED, REASON_DESTINATION_NOT_ALLOWED)
+    return _refuse(identity, Status.DENIED, REASON_DESTINATION_NOT_ALLOWED)
 
 
-def decide_addresses(
-    policy: Policy,
-    identity: Identity,
-    addresses: Sequence[IPAddress | str],
-    port: int,
-) -> Decision:
-    """Step 2: may the proxy dial these resolved addresses? Never relaxed by report mode.
+def decide_addresses(policy: Policy, identity: Identity, addresses: Sequence[IPAddress | str], port: int) -> Decision:
+    """Check 4: may the proxy dial these resolved addresses? Never relaxed by report mode.
 
     One forbidden address refuses the request, even if others are fine: the proxy would
     otherwise have to trust that it dials only the good ones, and a rebinding attacker
@@ -139,18 +241,16 @@ def decide_addresses(
     this port) is allowed even inside a forbidden range.
     """
     if not addresses:
-        return Decision(False, STATUS_DENIED, REASON_NO_ADDRESSES)
+        return Decision(False, Status.DENIED, REASON_NO_ADDRESSES)
     override: Rule | None = None
     for address in addresses:
-        ip = ipaddress.ip_address(address) if isinstance(address, str) else address
-        if ip.version == 6 and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
+        ip = unwrap(ipaddress.ip_address(address) if isinstance(address, str) else address)
         forbidden = policy.forbidden.match(ip)
         if forbidden is None:
             continue
         rule = identity.allows_address(ip, port)
         if rule is None:
-            return Decision(False, STATUS_DENIED, _detail(REASON_FORBIDDEN_ADDRESS, f"{ip} in {forbidden}"))
+            return Decision(False, Status.DENIED, _detail(REASON_FORBIDDEN_ADDRESS, f"{ip} in {forbidden}"))
         override = override or rule
     if override is not None:
         return _allow(_detail(REASON_FORBIDDEN_ADDRESS_ALLOWED, override.text), override)
@@ -158,22 +258,14 @@ def decide_addresses(
 
 
 def decide_plaintext(identity: Identity) -> Decision:
-    """Step 3: the stream is not TLS; only identities with ``require_tls: false`` pass."""
+    """Check 5, not TLS: only identities with ``require_tls: false`` pass."""
     if not identity.require_tls:
         return _allow(REASON_PLAINTEXT_ALLOWED)
-    return _refuse(identity, STATUS_DENIED, REASON_TLS_REQUIRED)
-
-
-def decide_http(identity: Identity) -> Decision:
-    """May `identity` use plain-HTTP forwarding of http:// URLs at all?"""
-    if identity.allow_http:
-        return _allow(REASON_HTTP_ALLOWED)
-    return _refuse(identity, STATUS_DENIED,
-                   f"{REASON_HTTP_DISABLED} for identity {identity.name} (allow_http: false); use CONNECT")
+    return _refuse(identity, Status.DENIED, REASON_TLS_REQUIRED)
 
 
 def decide_sni(identity: Identity, target: Host, port: int, sni: str | None) -> Decision:
-    """Step 4: judge the ClientHello's server_name against the CONNECT target.
+    """Check 5, TLS: judge the ClientHello's server_name against the CONNECT target.
 
     CONNECT to a name: the SNI must be present, equal to the target after normalization,
     and allowed at this port; otherwise the client could tunnel to one allowed name and
@@ -182,15 +274,15 @@ def decide_sni(identity: Identity, target: Host, port: int, sni: str | None) -> 
     """
     if sni is None:
         if target.ip is None:
-            return _refuse(identity, STATUS_SNI_MISMATCH, REASON_SNI_MISSING)
+            return _refuse(identity, Status.SNI_MISMATCH, REASON_SNI_MISSING)
         return _allow(REASON_SNI_ABSENT)
     try:
         sni_host = parse_host(sni)
     except HostError as err:
-        return _refuse(identity, STATUS_SNI_MISMATCH, _detail(REASON_SNI_INVALID, err))
+        return _refuse(identity, Status.SNI_MISMATCH, _detail(REASON_SNI_INVALID, err))
     if target.ip is None and sni_host.name != target.name:
-        return _refuse(identity, STATUS_SNI_MISMATCH, _detail(REASON_SNI_MISMATCH, sni_host.name))
+        return _refuse(identity, Status.SNI_MISMATCH, _detail(REASON_SNI_MISMATCH, sni_host.name))
     rule = identity.match(sni_host, port)
     if rule is None:
-        return _refuse(identity, STATUS_SNI_MISMATCH, _detail(REASON_SNI_NOT_ALLOWED, sni_host.name))
+        return _refuse(identity, Status.SNI_MISMATCH, _detail(REASON_SNI_NOT_ALLOWED, sni_host.name))
     return _allow(_detail(REASON_SNI_ALLOWED, rule.text), rule)

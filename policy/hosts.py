@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import idna
 
-__all__ = ["Host", "HostError", "parse_host"]
+__all__ = ["Host", "HostError", "parse_host", "unwrap"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -59,12 +59,19 @@ class Host:
     name: str
     ip: IPAddress | None = None
 
-    @property
-    def is_ip(self) -> bool:
-        return self.ip is not None
-
     def __str__(self) -> str:
         return self.name
+
+
+def unwrap(ip: IPAddress) -> IPAddress:
+    """The IPv4 address an IPv4-mapped IPv6 address (``::ffff:a.b.c.d``) delivers to;
+    any other address unchanged. Rules speak of the IPv4 address, so every address is
+    compared in this form."""
+    if ip.version == 6:
+        mapped = ip.ipv4_mapped
+        if mapped is not None:
+            return mapped
+    return ip
 
 
 def parse_host(text: str) -> Host:
@@ -136,10 +143,7 @@ def _parse_ipv6(text: str) -> Host:
         ip: IPAddress = ipaddress.IPv6Address(text)
     except ValueError:
         raise HostError("invalid IPv6 literal") from None
-    mapped = ip.ipv4_mapped
-    if mapped is not None:
-        # ::ffff:a.b.c.d reaches the IPv4 host a.b.c.d; rules speak of that address.
-        ip = mapped
+    ip = unwrap(ip)
     return Host(str(ip), ip)
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from .addresses import DEFAULT_FORBIDDEN, ForbiddenRanges, IPAddress, NetworkIndex, network_key
-from .hosts import Host
+from .hosts import Host, unwrap
 
 __all__ = ["MODES", "Identity", "Policy", "PolicyError", "PortRange", "Rule", "key_digest"]
 
@@ -140,11 +140,6 @@ class Identity:
         networks = NetworkIndex((network_key(r.target), r) for r in rules if r.kind in ("ip", "cidr"))
         object.__setattr__(self, "_networks", networks)
 
-    @property
-    def reports_only(self) -> bool:
-        """True in report mode: denials are recorded, not enforced."""
-        return self.mode == "report"
-
     def match(self, host: Host, port: int) -> Rule | None:
         """The first rule allowing `host` at `port`, or None.
 
@@ -179,10 +174,7 @@ class Identity:
         Only explicit address rules count: this is what lets an identity reach an address
         that the forbidden ranges would otherwise refuse.
         """
-        if ip.version == 6:
-            mapped = ip.ipv4_mapped
-            if mapped is not None:
-                ip = mapped
+        ip = unwrap(ip)
         for rule in self._networks.lookup(ip.version, int(ip)):
             ports = rule.ports
             if ports is None or ports.low <= port <= ports.high:
@@ -242,20 +234,9 @@ class Policy:
         return None
 
     @property
-    def identity_count(self) -> int:
-        return len(self.identities)
-
-    @property
     def key_count(self) -> int:
         return len(self._keys)
 
     @property
     def destination_count(self) -> int:
         return sum(len(identity.rules) for identity in self.identities.values())
-
-    def summary(self) -> str:
-        """One line for logs and `check-policy`: counts and the version digest."""
-        return (
-            f"{self.identity_count} identities, {self.key_count} keys, "
-            f"{self.destination_count} destinations (policy {self.digest})"
-        )

@@ -38,7 +38,11 @@ def check_policy(path: str) -> int:
 
 
 def explain(path: str, key: str, dest: str, sni: str | None) -> int:
-    """`explain FILE --key KEY --dest HOST:PORT [--sni NAME]`: the decision, offline."""
+    """`explain FILE --key KEY --dest HOST:PORT [--sni NAME]`: the decision, offline.
+
+    The same check list as the live proxy (`policy.judge`), with what is known here: an
+    IP target is its own address; a name is not resolved (noted instead).
+    """
     current = _load(path)
     if current is None:
         return 2
@@ -47,34 +51,30 @@ def explain(path: str, key: str, dest: str, sni: str | None) -> int:
     except http.HeadError as error:
         print(f"invalid --dest {dest!r}: {error.message} (the proxy answers 400)", file=sys.stderr)
         return 2
-    identity = current.authenticate(key)
+    question = policy.Question(host, port, addresses=(host.ip,) if host.ip is not None else None,
+                               tls=True if sni is not None else None, sni=sni)
+    verdict = policy.judge(current, key, question)
+    identity = verdict.identity
     if identity is None:
         print("denied\nidentity: -\nreason: unknown API key (the proxy answers 407)")
         return 1
-    checks = [policy.decide_destination(identity, host, port)]
     notes = []
-    if host.ip is not None:
-        checks.append(policy.decide_addresses(current, identity, [host.ip], port))
-    else:
+    if host.ip is None:
         notes.append(f"{host.name} is not resolved here: each address it resolves to must also be "
                      "outside the forbidden ranges (unless allowed by IP/CIDR)")
-    if sni is not None:
-        checks.append(policy.decide_sni(identity, host, port, sni))
-    elif host.ip is None and identity.require_tls:
+    if sni is None and host.ip is None and identity.require_tls:
         notes.append(f"the TLS ClientHello must carry SNI {host.name}")
-    rule = next((d.rule for d in checks if d.rule is not None), None)
-    refused = next((d for d in checks if not d.allowed), None)
-    reported = next((d for d in checks if d.status == "reported"), None)
-    lines = ["denied" if refused is not None else "allowed", f"identity: {identity.name}"]
-    if refused is not None:
-        lines.append(f"reason: {refused.reason}")
-    elif reported is not None:
-        lines.append(f"reason: report mode lets it through: {reported.reason}")
-    if rule is not None:
-        lines.append(f"rule: {rule.text}")
+    refusal = verdict.refusal
+    lines = ["denied" if refusal is not None else "allowed", f"identity: {identity.name}"]
+    if refusal is not None:
+        lines.append(f"reason: {refusal.reason}")
+    elif verdict.reported:
+        lines.append(f"reason: report mode lets it through: {verdict.reason}")
+    if verdict.rule is not None:
+        lines.append(f"rule: {verdict.rule.text}")
     lines += [f"note: {note}" for note in notes]
     print("\n".join(lines))
-    return 1 if refused is not None else 0
+    return 1 if refusal is not None else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,9 @@
 """Resolving a destination once and dialling an address that was checked.
 
-The proxy never hands a name to `connect()`: a name is resolved here once, every
-address is judged by the policy, and `dial()` connects to one of those addresses.
-A second lookup at connect time is exactly what DNS rebinding exploits.
+The proxy never hands a name to `connect()`: a name is resolved once (`Resolver`),
+every address is judged by the policy (`admission.open_upstream`), and `dial()`
+connects to one of those addresses. A second lookup at connect time is exactly what
+DNS rebinding exploits.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import gevent
 from gevent import socket
 
 import policy
-from proxy.errors import Refusal
+from proxy.refusal import Refusal
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 # resolve(name, timeout) -> addresses; raises ResolveError. Injected in tests.
@@ -81,12 +82,6 @@ def system_resolver(hosts: dict[str, list[Address]]) -> Resolver:
     return resolve
 
 
-def unwrap(address: Address) -> Address:
-    if address.version == 6 and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
 def dial(addresses: Sequence[Address], port: int, deadline: float) -> tuple[socket.socket, Address]:
     """Connect to the first vetted address that answers before `deadline`."""
     failure = "no address to connect to"
@@ -110,4 +105,4 @@ def dial(addresses: Sequence[Address], port: int, deadline: float) -> tuple[sock
             continue
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock, address
-    raise Refusal(502, "could not connect to the destination", error=failure)
+    raise Refusal.answer_http(502, "could not connect to the destination", error=failure)

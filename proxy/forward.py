@@ -5,7 +5,7 @@ Each request is its own decision (authenticate, `allow_http`, destination, resol
 addresses) and gets its own origin connection, closed after the response; only the
 client side is persistent. In the order a request lives:
 
-1. Authenticate (407) and authorize (403) with the server's helpers, exactly as CONNECT.
+1. Authenticate (407) and authorize (403) through `Admission`, exactly as CONNECT.
 2. Refuse ambiguous request framing with 400 before anything is dialled: the proxy and
    the origin must agree on where a body ends, or a second request can be smuggled
    inside the first (`request_framing`).
@@ -27,15 +27,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 import gevent
 from gevent import socket
 
-import policy
-from policy import Identity, Policy
-from proxy.errors import Refusal, response
-from proxy.pump import abort, wait_readable
+from proxy.admission import Admission
+from proxy.flow import Flow, abort
+from proxy.pump import wait_readable
+from proxy.refusal import from_parse_error, response
 from wire import http
 from wire.message import (
     ChunkedBody,
@@ -59,7 +58,6 @@ MAX_RESPONSE_HEAD = 65536
 MAX_INTERIM = 16  # 1xx responses before the final one
 UPLOAD_GRACE = 2.0  # seconds a finished response waits for its request body to finish
 LINGER_SECONDS = 2.0  # reading (and discarding) an unfinished upload before closing
-FLUSH_EVERY = 5.0  # seconds between byte-counter updates on long transfers
 
 
 # ---------------------------------------------------------------------------
@@ -78,21 +76,6 @@ class Broken(Exception):
         self.idle = idle  # ended by IDLE_TIMEOUT rather than by the peer
 
 
-class Flow:
-    """Byte counts and the time of the last byte, shared by both directions."""
-
-    __slots__ = ("up", "down", "last", "counted_up", "counted_down", "flushed")
-
-    def __init__(self) -> None:
-        self.up = self.down = self.counted_up = self.counted_down = 0
-        self.last = self.flushed = time.monotonic()
-
-    def flush(self, metrics: Any, identity: str) -> None:
-        metrics.count_bytes(identity, self.up - self.counted_up, self.down - self.counted_down)
-        self.counted_up, self.counted_down = self.up, self.down
-        self.flushed = time.monotonic()
-
-
 class Side:
     """One socket of the exchange; its failures become `Broken` for that side.
 
@@ -101,10 +84,8 @@ class Side:
     a client that reset or stopped reading gets nothing.
     """
 
-    def __init__(self, sock: socket.socket, name: str, flow: Flow, idle: float,
-                 upstream: bool, metrics: Any, identity: str) -> None:
-        self.sock, self.name, self.flow, self.idle = sock, name, flow, idle
-        self.upstream, self.metrics, self.identity = upstream, metrics, identity
+    def __init__(self, sock: socket.socket, name: str, flow: Flow, idle: float, upstream: bool) -> None:
+        self.sock, self.name, self.flow, self.idle, self.upstream = sock, name, flow, idle, upstream
         self.is_client = name == "client"
         self.read_status = 400 if self.is_client else 502
 
@@ -128,14 +109,7 @@ class Side:
         except OSError as error:
             raise Broken(self.name, f"writing to the {self.name}: {_why(error)}",
                          None if self.is_client else 502) from None
-        flow = self.flow
-        now = flow.last = time.monotonic()
-        if self.upstream:
-            flow.up += len(data)
-        else:
-            flow.down += len(data)
-        if now - flow.flushed >= FLUSH_EVERY:
-            flow.flush(self.metrics, self.identity)
+        self.flow.add(self.upstream, len(data))
 
 
 def _why(error: OSError) -> str:
@@ -242,45 +216,36 @@ class Upload:
         return self.error is None
 
 
-def forward(guard: Any, client: socket.socket, request: http.Request, buffered: bytes,
-            attempt: Any) -> tuple[bool, bytes]:
+def forward(admission: Admission, client: socket.socket, request: http.Request, buffered: bytes,
+            flow: Flow) -> tuple[bool, bytes]:
     """Judge and relay one absolute-form request; (keep the client connection, leftover)."""
-    current: Policy = guard.policy  # read the reference once
-    attempt.host, attempt.port = request.host, request.port
-    _, identity = guard.authenticate(current, request)
-    attempt.identity = identity.name
-    guard.judge(attempt, policy.decide_http(identity))
-    guard.judge(attempt, policy.decide_destination(identity, request.host, request.port))
+    current, identity = admission.admit(flow, request)
     try:
         framing = request_framing(request)
     except FramingError as error:
-        raise Refusal(400, str(error)) from None
-    slot = guard.take_slot(identity)
+        raise from_parse_error(error) from None
+    upstream = admission.connect(current, identity, flow)
+    del current, identity  # an exchange keeps no policy snapshot alive
+    flow.client_sock = client
+    admission.opened(flow)
     try:
-        upstream, _ = guard.resolve_and_dial(current, identity, attempt)
-    except BaseException:
-        guard.free_slot(identity.name, slot)
-        raise
-    guard.record(attempt, attempt.status, attempt.reason or "destination allowed")
-    try:
-        keep, leftover = Exchange(guard, client, upstream, request, identity, attempt).run(framing, buffered)
+        keep, leftover = Exchange(admission, client, upstream, request, flow).run(framing, buffered)
     finally:
-        upstream.close()
-        guard.free_slot(identity.name, slot)
+        admission.release(flow)
     if keep and not leftover:
-        keep = next_request_started(guard, client)
+        keep = next_request_started(admission, client)
     return keep, leftover
 
 
-def next_request_started(guard: Any, client: socket.socket) -> bool:
+def next_request_started(admission: Admission, client: socket.socket) -> bool:
     """Wait (up to HEADER_TIMEOUT, less if draining starts) for a kept-alive client to
     begin its next request; False if it stays idle, so the connection closes quietly.
 
     The handler's head timeout answers 408 and records a decision; for a client that is
     merely idle between requests that would be a stray response and a false "timeout".
     """
-    deadline = time.monotonic() + guard.settings.header_timeout
-    while not guard.draining:
+    deadline = time.monotonic() + admission.settings.header_timeout
+    while not admission.draining:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return False
@@ -296,20 +261,18 @@ def next_request_started(guard: Any, client: socket.socket) -> bool:
 class Exchange:
     """One request and its response between a client and a fresh origin connection."""
 
-    def __init__(self, guard: Any, client: socket.socket, upstream: socket.socket,
-                 request: http.Request, identity: Identity, attempt: Any) -> None:
-        self.guard, self.request, self.attempt = guard, request, attempt
-        idle = guard.settings.idle_timeout
-        self.flow = Flow()
-        self.client = Side(client, "client", self.flow, idle, False, guard.metrics, identity.name)
-        self.origin = Side(upstream, "origin", self.flow, idle, True, guard.metrics, identity.name)
+    def __init__(self, admission: Admission, client: socket.socket, upstream: socket.socket,
+                 request: http.Request, flow: Flow) -> None:
+        self.admission, self.request, self.flow = admission, request, flow
+        idle = admission.settings.idle_timeout
+        self.client = Side(client, "client", flow, idle, False)
+        self.origin = Side(upstream, "origin", flow, idle, True)
         for sock in (client, upstream):
             sock.settimeout(idle or None)
         self.status = 0
         self.responded = False  # a final response head went to the client
 
     def run(self, framing: Framing, buffered: bytes) -> tuple[bool, bytes]:
-        started = time.monotonic()
         upload: Upload | None = None
         keep, leftover, error = False, b"", None
         try:
@@ -333,7 +296,7 @@ class Exchange:
                     pass
         except Exception as unexpected:  # a bug must end this connection, not the server
             error = f"internal error: {type(unexpected).__name__}"
-            log.exception("forwarding failed", extra={"identity": self.attempt.identity})
+            log.exception("forwarding failed", extra={"identity": self.flow.identity})
         finally:
             unread = upload is not None and not upload.complete
             if upload is not None and not upload.greenlet.dead:
@@ -344,7 +307,7 @@ class Exchange:
                 self.client.sock.settimeout(None)
             except OSError:
                 pass
-            self.summary(started, keep and error is None, error)
+            self.admission.records.forwarded(self.flow, self.status, keep and error is None, error)
         if error is not None:
             return False, b""
         return keep, leftover
@@ -398,28 +361,10 @@ class Exchange:
             raise Broken("origin", str(error), 502) from None
         dechunk = body.kind == "chunked" and request.version == "HTTP/1.0"
         keep = (wants_persistence(request) and body.delimited and not dechunk
-                and not self.guard.draining and (upload is None or not upload.greenlet.dead or upload.complete))
+                and not self.admission.draining and (upload is None or not upload.greenlet.dead or upload.complete))
         self.status = response.status
         self.client.send(client_head(response, keep_alive=keep, client_version=request.version,
                                      dechunk=dechunk))
         self.responded = True
         copy_body(self.origin, self.client, body, rest, dechunk=dechunk)
         return keep
-
-    def summary(self, started: float, keep_alive: bool, error: str | None) -> None:
-        flow, attempt = self.flow, self.attempt
-        flow.flush(self.guard.metrics, attempt.identity)
-        fields = {
-            "client": attempt.client,
-            "method": self.request.method,
-            "identity": attempt.identity,
-            "destination": attempt.destination,
-            "status_code": self.status,
-            "bytes_up": flow.up,
-            "bytes_down": flow.down,
-            "duration_ms": round((time.monotonic() - started) * 1000, 1),
-            "keep_alive": keep_alive,
-        }
-        if error is not None:
-            fields["error"] = error
-        log.info("forwarded", extra=fields)

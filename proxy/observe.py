@@ -15,39 +15,18 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from prometheus_client import (
-    GC_COLLECTOR,
-    PLATFORM_COLLECTOR,
-    PROCESS_COLLECTOR,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    disable_created_metrics,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from pythonjsonlogger.json import JsonFormatter
 
-# The closed set of decision words (metric label `status`, log field `action`).
-STATUSES = (
-    "allowed",
-    "denied",
-    "auth_required",
-    "bad_request",
-    "connection_failed",
-    "sni_mismatch",
-    "timeout",
-    "limited",
-    "reported",
-)
-UNAUTHENTICATED = "-"
+from proxy.flow import UNAUTHENTICATED, Flow
+
 NO_DESTINATION = ""
 OTHER_DESTINATION = "other"
 DESTINATION_LABEL_LIMIT = 100
 
-del GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR  # we build our own registry
 # `*_created` samples double the series count and no dashboard or alert uses them.
 disable_created_metrics()
 
@@ -61,61 +40,29 @@ class Metrics:
             ProcessCollector(registry=registry)
             PlatformCollector(registry=registry)
             GCCollector(registry=registry)
-        self.requests = Counter(
-            "egress_proxy_requests_total",
-            "Proxy requests by identity, destination and decision status.",
-            ["identity", "destination", "status"],
-            registry=registry,
-        )
-        self.reloads = Counter(
-            "egress_proxy_config_reloads_total",
-            "Successful policy reloads.",
-            registry=registry,
-        )
-        self.load_errors = Counter(
-            "egress_proxy_config_load_errors_total",
-            "Policy loads that failed (the last good policy stayed in force).",
-            registry=registry,
-        )
-        self.last_reload = Gauge(
-            "egress_proxy_config_last_reload_success_timestamp_seconds",
-            "Unix time of the last successful policy load.",
-            registry=registry,
-        )
-        self.allowed_destinations = Gauge(
-            "egress_proxy_allowed_destinations",
-            "Allowed destination rules per identity in the policy in force.",
-            ["identity"],
-            registry=registry,
-        )
-        self.active_tunnels = Gauge(
-            "egress_proxy_active_tunnels",
-            "Tunnels currently open.",
-            registry=registry,
-        )
-        self.client_connections = Gauge(
-            "egress_proxy_client_connections",
-            "Client connections currently open (compare with MAX_CONNECTIONS).",
-            registry=registry,
-        )
-        self.bytes = Counter(
-            "egress_proxy_bytes_total",
-            "Bytes relayed; direction=upstream is client to destination.",
-            ["identity", "direction"],
-            registry=registry,
-        )
-        self.tunnel_duration = Histogram(
-            "egress_proxy_tunnel_duration_seconds",
-            "How long tunnels stayed open.",
-            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, float("inf")),
-            registry=registry,
-        )
-        self.revoked = Counter(
-            "egress_proxy_tunnels_revoked_total",
-            "Open tunnels closed because a reloaded policy no longer allows them.",
-            ["identity"],
-            registry=registry,
-        )
+        def metric(kind: type, name: str, text: str, labels: tuple[str, ...] = (), **options: Any) -> Any:
+            return kind(name, text, labels, registry=registry, **options)
+
+        self.requests = metric(Counter, "egress_proxy_requests_total",
+                               "Proxy requests by identity, destination and decision status.",
+                               ("identity", "destination", "status"))
+        self.reloads = metric(Counter, "egress_proxy_config_reloads_total", "Successful policy reloads.")
+        self.load_errors = metric(Counter, "egress_proxy_config_load_errors_total",
+                                  "Policy loads that failed (the last good policy stayed in force).")
+        self.last_reload = metric(Gauge, "egress_proxy_config_last_reload_success_timestamp_seconds",
+                                  "Unix time of the last successful policy load.")
+        self.allowed_destinations = metric(Gauge, "egress_proxy_allowed_destinations",
+                                           "Allowed destination rules per identity in the policy in force.",
+                                           ("identity",))
+        self.active_tunnels = metric(Gauge, "egress_proxy_active_tunnels", "Tunnels currently open.")
+        self.client_connections = metric(Gauge, "egress_proxy_client_connections",
+                                         "Client connections currently open (compare with MAX_CONNECTIONS).")
+        self.bytes = metric(Counter, "egress_proxy_bytes_total",
+                            "Bytes relayed; direction=upstream is client to destination.", ("identity", "direction"))
+        self.tunnel_duration = metric(Histogram, "egress_proxy_tunnel_duration_seconds", "How long tunnels stayed open.",
+                                      buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, float("inf")))
+        self.revoked = metric(Counter, "egress_proxy_tunnels_revoked_total",
+                              "Open tunnels closed because a reloaded policy no longer allows them.", ("identity",))
         # Label children resolved once: `.labels()` takes a lock and builds a tuple key.
         self._request_children: dict[tuple[str, str, str], Any] = {}
         self._destinations: dict[str, set[str]] = {}
@@ -241,9 +188,6 @@ class BufferedStreamHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-LEVEL_NAMES = {logging.DEBUG: "DEBUG", logging.INFO: "INFO", logging.WARNING: "WARNING", logging.ERROR: "ERROR"}
-
-
 class Events:
     """The per-request and per-tunnel lines, on the hot path of every connection.
 
@@ -267,13 +211,104 @@ class Events:
         if not isinstance(handler, BufferedStreamHandler) or not isinstance(formatter, _Formatter):
             logger.log(level, message, extra=fields)
             return
-        entry = {"timestamp": formatter.rfc3339(time.time()), "level": LEVEL_NAMES.get(level, str(level)),
+        entry = {"timestamp": formatter.rfc3339(time.time()), "level": logging.getLevelName(level),
                  "message": message}
         entry.update(fields)
         try:
             handler.write_line(formatter.serialize_log_record(entry))
         except Exception:  # noqa: BLE001 - logging must never take the proxy down
             logger.log(level, message, extra=fields)
+
+
+class Records:
+    """The lines and counts every request leaves behind, written from its `Flow`.
+
+    `decision` is the one decision line (and count) per request; `tunnel_closed`,
+    `forwarded` and `revoked` follow a request that was let through.
+    """
+
+    def __init__(self, metrics: Metrics, logger: logging.Logger) -> None:
+        self.metrics = metrics
+        self.events = Events(logger)
+        self.log = logger
+
+    def decision(self, flow: Flow, status: str, reason: str, *, error: str | None = None,
+                 level: int = logging.INFO) -> None:
+        """Count and log one decision."""
+        host = flow.host.name if flow.host is not None else ""
+        self.metrics.count_request(flow.identity, host, status)
+        events = self.events
+        if events.enabled(level):
+            fields = {
+                "client": flow.client,
+                "method": flow.method,
+                "identity": flow.identity,
+                "destination": flow.destination,
+                "action": status,
+                "reason": reason,
+            }
+            if flow.address is not None:
+                fields["address"] = str(flow.address)
+            if flow.sni is not None:
+                fields["sni"] = flow.sni
+            if flow.rule is not None:
+                fields["rule"] = flow.rule
+            if error is not None:
+                fields["error"] = error
+            events.write(level, "request", fields)
+
+    def admitted(self, flow: Flow) -> None:
+        """The decision line of a request the policy let through (allowed or reported)."""
+        self.decision(flow, flow.status, flow.reason or "destination allowed")
+
+    def flush_bytes(self, flow: Flow) -> None:
+        """Add the bytes relayed since the last flush to the metrics."""
+        up, down = flow.up - flow.counted_up, flow.down - flow.counted_down
+        flow.counted_up, flow.counted_down = flow.up, flow.down
+        self.metrics.count_bytes(flow.identity, up, down)
+
+    def tunnel_closed(self, flow: Flow) -> None:
+        duration = time.monotonic() - flow.started
+        self.metrics.tunnel_duration.observe(duration)
+        self.flush_bytes(flow)
+        ended_by = "idle timeout" if flow.idle and flow.ended_by == "closed" else flow.ended_by
+        if self.events.enabled(logging.INFO):
+            self.events.write(logging.INFO, "tunnel closed", {
+                "identity": flow.identity,
+                "destination": flow.destination,
+                "bytes_up": flow.up,
+                "bytes_down": flow.down,
+                "duration_ms": round(duration * 1000, 1),
+                "ended_by": ended_by,
+            })
+
+    def forwarded(self, flow: Flow, status_code: int, keep_alive: bool, error: str | None) -> None:
+        self.flush_bytes(flow)
+        fields = {
+            "client": flow.client,
+            "method": flow.method,
+            "identity": flow.identity,
+            "destination": flow.destination,
+            "status_code": status_code,
+            "bytes_up": flow.up,
+            "bytes_down": flow.down,
+            "duration_ms": round((time.monotonic() - flow.started) * 1000, 1),
+            "keep_alive": keep_alive,
+        }
+        if flow.ended_by != "closed":
+            fields["ended_by"] = flow.ended_by
+        if error is not None:
+            fields["error"] = error
+        self.events.write(logging.INFO, "forwarded", fields)
+
+    def revoked(self, flow: Flow, why: str) -> None:
+        self.metrics.revoked.labels(flow.identity).inc()
+        self.log.warning("tunnel revoked by policy reload", extra={
+            "identity": flow.identity,
+            "destination": flow.destination,
+            "action": "denied",
+            "reason": why,
+        })
 
 
 def configure_logging(level: int, stream: Any = None, *, buffered: bool = False) -> logging.Logger:

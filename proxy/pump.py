@@ -29,30 +29,13 @@ from typing import Any
 import gevent
 from gevent.hub import Waiter
 
+from proxy.flow import Flow, abort
+
 CHUNK = 65536
 SPLICE_CHUNK = 1 << 20
 PIPE_SIZE = 1 << 20
 PIPE_POOL_LIMIT = 32
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, missing from older Pythons' fcntl
-
-
-class Traffic:
-    """Byte counts and the time of the last byte, shared by both directions."""
-
-    __slots__ = ("upstream", "downstream", "last", "idle")
-
-    def __init__(self) -> None:
-        self.upstream = 0
-        self.downstream = 0
-        self.last = time.monotonic()
-        self.idle = False
-
-    def add(self, is_upstream: bool, count: int) -> None:
-        self.last = time.monotonic()
-        if is_upstream:
-            self.upstream += count
-        else:
-            self.downstream += count
 
 
 class Pipes:
@@ -121,17 +104,8 @@ def send_all(sock: socket.socket, data: bytes) -> None:
         sock.sendall(memoryview(data)[sent:])
 
 
-def abort(*socks: socket.socket) -> None:
-    """Stop both directions now: a blocked read on either socket returns at once."""
-    for sock in socks:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-
-def relay(client: socket.socket, upstream: socket.socket, traffic: Traffic, idle_timeout: float) -> None:
-    """Pump until both directions end; counts go into `traffic`.
+def relay(client: socket.socket, upstream: socket.socket, flow: Flow, idle_timeout: float) -> None:
+    """Pump until both directions end; counts go into `flow`.
 
     This greenlet copies client -> upstream; a second, raw greenlet (no Greenlet
     bookkeeping: links, exception records) copies upstream -> client and reports back
@@ -142,10 +116,10 @@ def relay(client: socket.socket, upstream: socket.socket, traffic: Traffic, idle
     upstream.settimeout(timeout)
     hub = gevent.get_hub()
     done = Waiter(hub)
-    gevent.spawn_raw(_copy_then_report, upstream, client, traffic, idle_timeout, hub, done)
+    gevent.spawn_raw(_copy_then_report, upstream, client, flow, idle_timeout, hub, done)
     finished = False
     try:
-        _copy(client, upstream, traffic, True, idle_timeout)
+        _copy(client, upstream, flow, True, idle_timeout)
         done.get()
         finished = True
     finally:
@@ -153,10 +127,10 @@ def relay(client: socket.socket, upstream: socket.socket, traffic: Traffic, idle
             abort(client, upstream)  # the other direction sees EOF and ends on its own
 
 
-def _copy_then_report(source: socket.socket, sink: socket.socket, traffic: Traffic, idle_timeout: float,
+def _copy_then_report(source: socket.socket, sink: socket.socket, flow: Flow, idle_timeout: float,
                       hub: Any, done: Waiter) -> None:
     try:
-        _copy(source, sink, traffic, False, idle_timeout)
+        _copy(source, sink, flow, False, idle_timeout)
     finally:
         # A Waiter is switched from the hub only.
         hub.loop.run_callback(done.switch, None)
@@ -207,13 +181,13 @@ class _Idle(Exception):
     pass
 
 
-def _copy(source: socket.socket, sink: socket.socket, traffic: Traffic, is_upstream: bool,
+def _copy(source: socket.socket, sink: socket.socket, flow: Flow, is_upstream: bool,
           idle_timeout: float) -> None:
     try:
-        if _recv_send(source, sink, traffic, is_upstream, idle_timeout):
-            _splice(source, sink, traffic, is_upstream, idle_timeout)
+        if _recv_send(source, sink, flow, is_upstream, idle_timeout):
+            _splice(source, sink, flow, is_upstream, idle_timeout)
     except _Idle:
-        traffic.idle = True
+        flow.idle = True
         abort(source, sink)
         return
     except OSError:
@@ -226,12 +200,12 @@ def _copy(source: socket.socket, sink: socket.socket, traffic: Traffic, is_upstr
         abort(source, sink)
 
 
-def _quiet(traffic: Traffic, idle_timeout: float) -> bool:
+def _quiet(flow: Flow, idle_timeout: float) -> bool:
     """Only idle if the *other* direction was quiet too."""
-    return time.monotonic() - traffic.last >= idle_timeout
+    return time.monotonic() - flow.last >= idle_timeout
 
 
-def _recv_send(source: socket.socket, sink: socket.socket, traffic: Traffic, is_upstream: bool,
+def _recv_send(source: socket.socket, sink: socket.socket, flow: Flow, is_upstream: bool,
                idle_timeout: float, upgrade: bool = True) -> bool:
     """Copy with recv/sendall; True when the stream looks bulk and splice can take over."""
     recv, send = source.recv, sink.send
@@ -240,7 +214,7 @@ def _recv_send(source: socket.socket, sink: socket.socket, traffic: Traffic, is_
         try:
             data = recv(CHUNK)
         except socket.timeout:
-            if _quiet(traffic, idle_timeout):
+            if _quiet(flow, idle_timeout):
                 raise _Idle from None
             continue
         if not data:
@@ -248,16 +222,16 @@ def _recv_send(source: socket.socket, sink: socket.socket, traffic: Traffic, is_
         sent = send(data)
         if sent < len(data):
             sink.sendall(memoryview(data)[sent:])
-        traffic.add(is_upstream, len(data))
+        flow.add(is_upstream, len(data))
         if bulk_ok and len(data) == CHUNK:
             return True
 
 
-def _splice(source: socket.socket, sink: socket.socket, traffic: Traffic, is_upstream: bool,
+def _splice(source: socket.socket, sink: socket.socket, flow: Flow, is_upstream: bool,
             idle_timeout: float) -> None:
     pipe = PIPES.take()
     if pipe is None:
-        _recv_send(source, sink, traffic, is_upstream, idle_timeout, upgrade=False)
+        _recv_send(source, sink, flow, is_upstream, idle_timeout, upgrade=False)
         return
     r, w = pipe
     src, dst = source.fileno(), sink.fileno()
@@ -275,7 +249,7 @@ def _splice(source: socket.socket, sink: socket.socket, traffic: Traffic, is_ups
             try:
                 moved = os.splice(src, w, SPLICE_CHUNK, flags=flags)
             except BlockingIOError:
-                _wait(hub, readable, timer, traffic, idle_timeout)
+                _wait(hub, readable, timer, flow, idle_timeout)
                 continue
             if moved == 0:
                 return
@@ -284,14 +258,14 @@ def _splice(source: socket.socket, sink: socket.socket, traffic: Traffic, is_ups
                 try:
                     pending -= os.splice(r, dst, pending, flags=flags)
                 except BlockingIOError:
-                    _wait(hub, writable, timer, traffic, idle_timeout)
-            traffic.add(is_upstream, moved)
+                    _wait(hub, writable, timer, flow, idle_timeout)
+            flow.add(is_upstream, moved)
             spliced = True
     except OSError as error:
         if error.errno != errno.EINVAL or spliced or pending:
             raise
         # This pair of sockets cannot splice (seen on some sandboxed kernels): copy instead.
-        _recv_send(source, sink, traffic, is_upstream, idle_timeout, upgrade=False)
+        _recv_send(source, sink, flow, is_upstream, idle_timeout, upgrade=False)
     finally:
         readable.close()
         writable.close()
@@ -304,13 +278,13 @@ class _Tick(Exception):
     """The idle timer fired during a wait; idle only if the other direction was quiet."""
 
 
-def _wait(hub: Any, watcher: Any, timer: gevent.Timeout | None, traffic: Traffic, idle_timeout: float) -> None:
+def _wait(hub: Any, watcher: Any, timer: gevent.Timeout | None, flow: Flow, idle_timeout: float) -> None:
     if timer is not None:
         timer.start()
     try:
         hub.wait(watcher)
     except _Tick:
-        if _quiet(traffic, idle_timeout):
+        if _quiet(flow, idle_timeout):
             raise _Idle from None
     finally:
         if timer is not None:

@@ -123,7 +123,8 @@ class Settings:
         return cls(**values)
 
 
-# (variable, parser, description) — also the source of `--help`'s environment table.
+# Field name -> the parser of its variable's value. With DESCRIPTIONS, also the
+# source of `--help`'s environment table (`defaults_table`).
 PARSERS: dict[str, Callable[[str, str], object]] = {
     "proxy_port": _port,
     "metrics_port": _port,
@@ -158,16 +159,13 @@ DESCRIPTIONS: dict[str, str] = {
     "HOSTS_FILE": "optional hosts(5)-format file consulted before DNS",
 }
 
-LEVEL_NAMES = {logging.DEBUG: "DEBUG", logging.INFO: "INFO", logging.WARNING: "WARN", logging.ERROR: "ERROR"}
-
-
 def defaults_table() -> list[tuple[str, str, str]]:
     """(variable, default, description) rows for `--help` and the README."""
     rows = []
     for field in fields(Settings):
         default = field.default
         if field.name == "log_level":
-            default = LEVEL_NAMES[default]
+            default = logging.getLevelName(default)
         elif isinstance(default, float) and default.is_integer():
             default = int(default)
         variable = field.name.upper()

@@ -41,6 +41,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
 from proxy import observe
+from policy import Status
 from proxy.settings import defaults_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -248,7 +249,7 @@ def exported_series() -> dict[str, frozenset[str]]:
     return {name: frozenset(labels) for name, labels in series.items()}
 
 
-# The public interface promised in the README and DESIGN.md (names with suffixes).
+# The public interface promised in the README (names with suffixes).
 CONTRACT_SERIES = {
     "egress_proxy_requests_total": {"identity", "destination", "status"},
     "egress_proxy_config_reloads_total": set(),
@@ -267,7 +268,7 @@ CONTRACT_SERIES = {
     "process_open_fds": set(),
     "process_max_fds": set(),
 }
-LABEL_VALUES = {"status": set(observe.STATUSES), "direction": {"upstream", "downstream"}}
+LABEL_VALUES = {"status": set([s.value for s in Status]), "direction": {"upstream", "downstream"}}
 GRAFANA_MACROS = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}
 
 

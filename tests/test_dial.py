@@ -1,7 +1,7 @@
 """Resolve once, judge every address, dial a judged one — with an injected resolver.
 
-The resolver is a plain function handed to the server (no system files are touched);
-dials go to real loopback listeners.
+The resolver is a plain function handed to `open_upstream` (no system files are
+touched, no server is built); dials go to real loopback listeners.
 """
 
 from __future__ import annotations
@@ -11,14 +11,12 @@ import ipaddress
 import gevent
 import pytest
 from gevent import socket
-from prometheus_client import CollectorRegistry
 
 import policy
-from egress_guard import Attempt, EgressGuard
+from proxy.admission import open_upstream
 from proxy.dial import ResolveError, load_hosts_file
-from proxy.errors import Refusal
-from proxy.observe import Metrics
-from proxy.settings import Settings
+from proxy.flow import Flow
+from proxy.refusal import Refusal
 
 POLICY = """
 identities:
@@ -55,41 +53,36 @@ def listener():
     sock.close()
 
 
-def guard_with(resolver, **settings) -> tuple[EgressGuard, policy.Policy]:
-    current = policy.load_policy_text(POLICY)
-    guard = EgressGuard(Settings(**settings), current, Metrics(CollectorRegistry()), resolver)
-    return guard, current
+CURRENT = policy.load_policy_text(POLICY)
 
 
-def dial(guard: EgressGuard, current: policy.Policy, key: str, host: str, port: int):
-    attempt = Attempt("test")
-    attempt.host, attempt.port = policy.parse_host(host), port
-    identity = current.authenticate(key)
-    return guard.resolve_and_dial(current, identity, attempt), attempt
+def dial(resolver, key: str, host: str, port: int, timeout: float = 10.0):
+    """(upstream socket, address dialled), as the proxy opens a tunnel for `key`."""
+    flow = Flow("test")
+    flow.key, flow.host, flow.port = key, policy.parse_host(host), port
+    upstream = open_upstream(CURRENT, CURRENT.authenticate(key), flow, resolver, timeout)
+    return upstream, flow.address
 
 
 def test_name_resolving_to_a_forbidden_address_is_refused_without_dialling() -> None:
     resolver = Resolver({"svc.example.com": ["169.254.169.254"]})
-    guard, current = guard_with(resolver)
     with pytest.raises(Refusal) as caught:
-        dial(guard, current, "k1", "svc.example.com", 80)
-    assert caught.value.status == 403 and "169.254.0.0/16" in caught.value.message
+        dial(resolver, "k1", "svc.example.com", 80)
+    assert caught.value.http == 403 and "169.254.0.0/16" in caught.value.reason
     assert resolver.calls == ["svc.example.com"]
 
 
 def test_one_forbidden_address_among_public_ones_refuses_the_name() -> None:
     resolver = Resolver({"svc.example.com": ["203.0.113.7", "127.0.0.1"]})
-    guard, current = guard_with(resolver)
     with pytest.raises(Refusal) as caught:
-        dial(guard, current, "k1", "svc.example.com", 443)
-    assert caught.value.status == 403 and "loopback" in caught.value.message
+        dial(resolver, "k1", "svc.example.com", 443)
+    assert caught.value.http == 403 and "loopback" in caught.value.reason
 
 
 def test_explicit_cidr_lets_the_vetted_address_be_dialled_once(listener) -> None:
     port = listener.getsockname()[1]
     resolver = Resolver({"svc.example.com": ["127.0.0.1"]})
-    guard, current = guard_with(resolver)
-    (upstream, address), attempt = dial(guard, current, "k2", "svc.example.com", port)
+    upstream, address = dial(resolver, "k2", "svc.example.com", port)
     try:
         assert str(address) == "127.0.0.1" and upstream.getpeername() == ("127.0.0.1", port)
         assert resolver.calls == ["svc.example.com"]  # resolved once, never again at connect
@@ -101,18 +94,16 @@ def test_falls_through_to_the_next_vetted_address(listener) -> None:
     port = listener.getsockname()[1]
     # 127.0.0.2 is loopback too but nothing listens there: refused, then the next one.
     resolver = Resolver({"svc.example.com": ["127.0.0.2", "127.0.0.1"]})
-    guard, current = guard_with(resolver)
-    (upstream, address), _ = dial(guard, current, "k2", "svc.example.com", port)
+    upstream, address = dial(resolver, "k2", "svc.example.com", port)
     upstream.close()
     assert str(address) == "127.0.0.1"
 
 
 def test_ipv4_mapped_answers_are_judged_as_ipv4() -> None:
     resolver = Resolver({"svc.example.com": ["::ffff:127.0.0.1"]})
-    guard, current = guard_with(resolver)
     with pytest.raises(Refusal) as caught:
-        dial(guard, current, "k1", "svc.example.com", 443)
-    assert caught.value.status == 403
+        dial(resolver, "k1", "svc.example.com", 443)
+    assert caught.value.http == 403
 
 
 @pytest.mark.parametrize(
@@ -124,10 +115,9 @@ def test_ipv4_mapped_answers_are_judged_as_ipv4() -> None:
     ids=["nxdomain", "empty-answer"],
 )
 def test_resolution_failures_are_502(resolver: Resolver, error: str) -> None:
-    guard, current = guard_with(resolver)
     with pytest.raises(Refusal) as caught:
-        dial(guard, current, "k1", "svc.example.com", 443)
-    assert caught.value.status == 502 and caught.value.word == "connection_failed"
+        dial(resolver, "k1", "svc.example.com", 443)
+    assert caught.value.http == 502 and caught.value.status == "connection_failed"
     assert error in caught.value.error
 
 
@@ -140,20 +130,18 @@ def test_system_resolver_bounds_a_hanging_lookup(monkeypatch) -> None:
     monkeypatch.setattr(dial_module.socket, "getaddrinfo", hanging_getaddrinfo)
     resolve = dial_module.system_resolver({"pinned.example": [ipaddress.ip_address("192.0.2.1")]})
     assert [str(a) for a in resolve("pinned.example", 0.01)] == ["192.0.2.1"]  # table hit: no lookup
-    guard, current = guard_with(resolve, connect_timeout=0.3)
     with gevent.Timeout(3):
         with pytest.raises(Refusal) as caught:
-            dial(guard, current, "k1", "svc.example.com", 443)
-    assert caught.value.status == 502 and caught.value.error == "DNS lookup timed out"
+            dial(resolve, "k1", "svc.example.com", 443, timeout=0.3)
+    assert caught.value.http == 502 and caught.value.error == "DNS lookup timed out"
 
 
 def test_refused_connection_is_502(listener) -> None:
     port = listener.getsockname()[1]
     listener.close()
-    guard, current = guard_with(Resolver({}))
     with pytest.raises(Refusal) as caught:
-        dial(guard, current, "k2", "127.0.0.1", port)
-    assert caught.value.status == 502 and "refused" in caught.value.error.lower()
+        dial(Resolver({}), "k2", "127.0.0.1", port)
+    assert caught.value.http == 502 and "refused" in caught.value.error.lower()
 
 
 def test_hosts_file(tmp_path) -> None:

@@ -18,7 +18,6 @@ from policy import (
     load_policy_text,
     parse_destination,
 )
-from policy.addresses import embedded_ipv4
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "policies"
 M32 = 0xFFFFFFFF
@@ -93,10 +92,10 @@ def test_default_forbidden(address: str, reason: str | None) -> None:
 
 
 def test_embedded_ipv4_forms() -> None:
-    got = dict(embedded_ipv4(ipaddress.IPv6Address("2002:7f00:1::")))
-    assert got == {"6to4": ipaddress.IPv4Address("127.0.0.1")}
-    assert embedded_ipv4(ipaddress.IPv4Address("127.0.0.1")) == ()
-    assert dict(embedded_ipv4(nat64_48("192.0.2.33")))["NAT64"] == ipaddress.IPv4Address("192.0.2.33")
+    ranges = ForbiddenRanges.from_entries([("127.0.0.1/32", "configured"), ("192.0.2.33/32", "configured")])
+    assert ranges.match(ipaddress.IPv6Address("2002:7f00:1::")) == "127.0.0.1/32 (configured) embedded in 6to4 address"
+    assert ranges.match(ipaddress.IPv4Address("127.0.0.2")) is None
+    assert ranges.match(nat64_48("192.0.2.33")) == "192.0.2.33/32 (configured) embedded in NAT64 address"
 
 
 def test_configured_ranges_apply_to_embedded_forms_too() -> None:

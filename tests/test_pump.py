@@ -10,6 +10,7 @@ import pytest
 from gevent import socket
 
 from proxy import pump
+from proxy.flow import Flow
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -36,7 +37,7 @@ def start_tunnel(idle: float = 5.0):
     """client <-> [c_side | pump | u_side] <-> upstream."""
     client, c_side = tcp_pair()
     u_side, upstream = tcp_pair()
-    traffic = pump.Traffic()
+    traffic = Flow("test")
     worker = gevent.spawn(pump.relay, c_side, u_side, traffic, idle)
     return client, upstream, traffic, worker, (c_side, u_side)
 
@@ -66,7 +67,7 @@ def test_bulk_both_directions_with_half_close(mode: str) -> None:
     gevent.joinall([*senders, got_up, got_down, worker], timeout=30, raise_error=True)
     assert hashlib.sha256(got_up.value).digest() == hashlib.sha256(up_payload).digest()
     assert hashlib.sha256(got_down.value).digest() == hashlib.sha256(down_payload).digest()
-    assert (traffic.upstream, traffic.downstream) == (len(up_payload), len(down_payload))
+    assert (traffic.up, traffic.down) == (len(up_payload), len(down_payload))
     assert worker.dead and not traffic.idle
 
 

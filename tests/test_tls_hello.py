@@ -599,7 +599,7 @@ def test_alert_bytes():
     ids=["tls13-client", "tls12-client"],
 )
 def test_clients_understand_the_access_denied_alert(options):
-    # What DESIGN.md step 9 relies on: the client reports "tlsv1 alert access denied".
+    # What step 9 of docs/ARCHITECTURE.md relies on: the client reports "tlsv1 alert access denied".
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     for name, value in options.items():
         setattr(context, name, value)

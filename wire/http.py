@@ -27,7 +27,8 @@ MAX_HEADER_FIELDS = 100
 HEAD_END = b"\r\n\r\n"
 
 # RFC 9110 token characters.
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_TOKEN = re.compile(TOKEN + rb"\Z")
 # VCHAR, obs-text, SP and HTAB; anything else in a value (CR, LF, NUL, DEL...) is refused.
 _BAD_VALUE_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _BAD_TARGET_BYTE = re.compile(rb"[^\x21-\x7e]")
@@ -85,12 +86,17 @@ class Request:
 
     def get(self, name: str) -> list[str]:
         """Every value of header `name` (case-insensitive), in order."""
-        name = name.lower()
-        return [value for key, value in self.headers if key.lower() == name]
+        return header_values(self.headers, name)
 
     @property
     def is_connect(self) -> bool:
         return self.method == "CONNECT"
+
+
+def header_values(headers: tuple[tuple[str, str], ...], name: str) -> list[str]:
+    """Every value of the header field `name` (case-insensitive) in `headers`, in order."""
+    name = name.lower()
+    return [value for key, value in headers if key.lower() == name]
 
 
 def find_head_end(buffer: bytes | bytearray) -> int:

@@ -33,7 +33,7 @@ HOP_BY_HOP = frozenset({
 # always rewritten anyway.
 PROTECTED = frozenset({"content-length", "transfer-encoding", "host"})
 
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_TOKEN = http.TOKEN
 _STR_TOKEN_RE = re.compile(_TOKEN.decode() + r"\Z")
 _QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
 _CHUNK_SIZE_RE = re.compile(
@@ -69,10 +69,6 @@ class Framing:
 NO_BODY = Framing("none")
 CHUNKED = Framing("chunked")
 UNTIL_CLOSE = Framing("close")
-
-
-def _values(headers: tuple[tuple[str, str], ...], name: str) -> list[str]:
-    return [value for key, value in headers if key.lower() == name]
 
 
 def _codings(value: str) -> list[str]:
@@ -120,14 +116,14 @@ def response_framing(method: str, status: int, headers: tuple[tuple[str, str], .
     """The response's body framing (RFC 9112 6.3); FramingError (502) if unusable."""
     if method == "HEAD" or status < 200 or status in (204, 304):
         return NO_BODY
-    encodings = _values(headers, "transfer-encoding")
+    encodings = http.header_values(headers, "transfer-encoding")
     if encodings:
         # Transfer-Encoding overrides any Content-Length (which is then not relayed).
         codings = _codings(", ".join(encodings))
         if codings[-1] == "chunked" and codings.count("chunked") == 1:
             return CHUNKED
         return UNTIL_CLOSE
-    lengths = _values(headers, "content-length")
+    lengths = http.header_values(headers, "content-length")
     if not lengths:
         return UNTIL_CLOSE
     values = {part.strip(" \t") for value in lengths for part in value.split(",")}
@@ -147,7 +143,7 @@ def connection_options(headers: tuple[tuple[str, str], ...], names: tuple[str, .
     """The lowercased comma-separated tokens of the named header fields."""
     tokens: set[str] = set()
     for name in names:
-        for value in _values(headers, name):
+        for value in http.header_values(headers, name):
             tokens.update(token for token in (part.strip(" \t").lower() for part in value.split(",")) if token)
     return tokens
 
@@ -202,7 +198,7 @@ class Response:
     headers: tuple[tuple[str, str], ...]
 
     def get(self, name: str) -> list[str]:
-        return _values(self.headers, name.lower())
+        return http.header_values(self.headers, name)
 
 
 def client_head(response: Response, *, keep_alive: bool, client_version: str,

@@ -2,7 +2,7 @@
 
 After ``200 Connection established`` the proxy peeks at the first bytes of the tunnel and must
 decide, before forwarding a single byte, which server name the client is about to talk to
-(DESIGN.md steps 8-9). This module is the pure half of that: a function of the bytes received so
+(steps 8-9 of docs/ARCHITECTURE.md). This module is the pure half of that: a function of the bytes received so
 far with exactly three outcomes, in the style of mitmproxy's ClientHello parser:
 
 * ``ClientHello``  -- a complete, well-formed hello; ``length`` says how many input bytes the
@@ -33,15 +33,10 @@ from typing import ClassVar, Final, final
 
 __all__ = [
     "ACCESS_DENIED",
-    "CLOSE_NOTIFY",
     "DECODE_ERROR",
-    "HANDSHAKE_FAILURE",
-    "INTERNAL_ERROR",
     "INVALID_REASONS",
     "MAX_HELLO_BYTES",
     "NEED_MORE",
-    "PROTOCOL_VERSION",
-    "UNRECOGNIZED_NAME",
     "ClientHello",
     "Invalid",
     "NeedMore",
@@ -57,31 +52,26 @@ __all__ = [
 MAX_HELLO_BYTES: Final = 16384
 
 # TLS record plaintext may not exceed 2**14 bytes (RFC 8446 section 5.1).
-_MAX_RECORD_PAYLOAD: Final = 2**14
+_MAX_RECORD_PAYLOAD = 2**14
 
-_CONTENT_HANDSHAKE: Final = 22
-_CONTENT_ALERT: Final = 21
-_HANDSHAKE_CLIENT_HELLO: Final = 1
+_CONTENT_HANDSHAKE = 22
+_CONTENT_ALERT = 21
+_HANDSHAKE_CLIENT_HELLO = 1
 
-_EXT_SERVER_NAME: Final = 0x0000
-_EXT_ALPN: Final = 0x0010
-_EXT_SUPPORTED_VERSIONS: Final = 0x002B
-_EXT_ENCRYPTED_CLIENT_HELLO: Final = 0xFE0D
+_EXT_SERVER_NAME = 0x0000
+_EXT_ALPN = 0x0010
+_EXT_SUPPORTED_VERSIONS = 0x002B
+_EXT_ENCRYPTED_CLIENT_HELLO = 0xFE0D
 
-# Alert descriptions (RFC 8446 section 6) the proxy may want to send.
-CLOSE_NOTIFY: Final = 0
-HANDSHAKE_FAILURE: Final = 40
+# Alert descriptions (RFC 8446 section 6) the proxy sends.
 ACCESS_DENIED: Final = 49
 DECODE_ERROR: Final = 50
-PROTOCOL_VERSION: Final = 70
-INTERNAL_ERROR: Final = 80
-UNRECOGNIZED_NAME: Final = 112
 
-_ALERT_LEVEL_FATAL: Final = 2
+_ALERT_LEVEL_FATAL = 2
 
 # Bytes a host name may contain: printable ASCII without space. Anything else (NUL, control
 # characters, UTF-8) cannot be a DNS name and is exactly what confuses a later comparison.
-_HOST_NAME_BYTES: Final = bytes(range(0x21, 0x7F))
+_HOST_NAME_BYTES = bytes(range(0x21, 0x7F))
 
 _U16 = struct.Struct("!H")
 _EXT_HEADER = struct.Struct("!HH")

@@ -1,0 +1,112 @@
+"""`Flow`: one request's way through the proxy, from its head to its last byte.
+
+One record per request (a CONNECT tunnel, or one plain-HTTP exchange on a kept-alive
+client connection), filled in as the request lives: what was asked, what the policy
+said, and once admitted, the sockets and byte counts. It is what the decision log line
+and the `tunnel closed` / `forwarded` lines are written from, what revocation re-judges
+after a reload, and what draining closes.
+
+It holds names and texts, never the Identity or the Policy: an open tunnel must not
+keep an old policy snapshot alive after a reload.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+from policy import Host, Question, Status, Verdict
+from proxy.dial import Address
+
+UNAUTHENTICATED = "-"  # the identity of a request before (or without) authentication
+
+
+class Flow:
+    """What one request has established so far, and its traffic once admitted."""
+
+    __slots__ = (
+        # the request
+        "client", "method", "key", "host", "port", "http",
+        # the decision so far
+        "identity", "status", "reason", "rule", "address", "tls", "sni", "established",
+        # once admitted
+        "client_sock", "upstream", "slot", "started", "up", "down", "last", "idle",
+        "counted_up", "counted_down", "ended_by",
+    )
+
+    def __init__(self, client: str) -> None:
+        self.client = client  # "address:port" of the client, as logged
+        self.method = ""
+        self.key: str | None = None  # kept only to re-authenticate on reload; never logged (see __repr__)
+        self.host: Host | None = None
+        self.port = 0
+        self.http = False  # a plain-HTTP exchange rather than a CONNECT tunnel
+        self.identity = UNAUTHENTICATED
+        self.status: str = Status.ALLOWED
+        self.reason = ""
+        self.rule: str | None = None
+        self.address: Address | None = None  # the address dialled
+        self.tls: bool | None = None  # did the client's first bytes start TLS (None: not seen yet)
+        self.sni: str | None = None
+        self.established = False  # the 200 (or the request head) went out
+        self.client_sock: Any = None
+        self.upstream: Any = None
+        self.slot = False  # holds one of its identity's max_tunnels
+        self.started = time.monotonic()
+        self.up = 0  # bytes client -> destination
+        self.down = 0  # bytes destination -> client
+        self.last = self.started  # time of the last byte either way
+        self.idle = False  # ended by IDLE_TIMEOUT
+        self.counted_up = 0  # bytes already added to the metrics
+        self.counted_down = 0
+        self.ended_by = "closed"
+
+    def __repr__(self) -> str:
+        return f"<Flow {self.identity} -> {self.destination}>"
+
+    @property
+    def destination(self) -> str:
+        host = self.host
+        if host is None:
+            return ""
+        if host.ip is not None and host.ip.version == 6:
+            return f"[{host.name}]:{self.port}"
+        return f"{host.name}:{self.port}"
+
+    def question(self, addresses: tuple[Address, ...] | None = None) -> Question:
+        """Everything known about this request, as the policy's check list asks it."""
+        assert self.host is not None
+        if addresses is None and self.address is not None:
+            addresses = (self.address,)
+        return Question(self.host, self.port, self.http, addresses, self.tls, self.sni)
+
+    def note(self, verdict: Verdict) -> None:
+        """Take the latest verdict (it covers every check so far) for the record."""
+        self.status = verdict.status
+        self.reason = verdict.reason
+        rule = verdict.rule
+        self.rule = rule.text if rule is not None else None
+
+    def close(self, why: str) -> None:
+        """End the flow now (revocation, shutdown): blocked reads on both sides return."""
+        self.ended_by = why
+        abort(self.client_sock, self.upstream)
+
+    def add(self, upstream: bool, count: int) -> None:
+        """Count `count` bytes relayed in one direction."""
+        self.last = time.monotonic()
+        if upstream:
+            self.up += count
+        else:
+            self.down += count
+
+
+def abort(*socks: Any) -> None:
+    """Stop both directions now: a blocked read on any of `socks` returns at once."""
+    for sock in socks:
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
