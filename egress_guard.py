@@ -17,12 +17,11 @@ if __name__ == "__main__":
     monkey.patch_all()
 
 import errno
-import gc
 import logging
 import os
 import signal
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import gevent
 import gevent.pool
@@ -41,11 +40,14 @@ from proxy.dial import load_hosts_file, system_resolver
 from proxy.flow import Flow
 from proxy.forward import forward
 from proxy.observe import Metrics, configure_logging
-from proxy.pump import has_input, relay, send_all, wait_readable
-from proxy.reading import Closed, read_hello, read_request, record_version
+from proxy.handshake import first_flight
+from proxy.pump import relay, send_all
+from proxy.reading import Closed, read_request
 from proxy.refusal import ESTABLISHED, Refusal
-from proxy.reload import Reloader
+from proxy.reload import Reloader, file_state
 from proxy.settings import Settings, SettingsError
+from wire.handshake import FirstFlight
+from wire.tls import ClientHello
 
 __version__ = cli.__version__
 log = logging.getLogger("egress_guard")
@@ -104,7 +106,7 @@ class Proxy:
     # -- steps 4-10: one CONNECT ------------------------------------------------------
 
     def tunnel(self, client: socket.socket, request: Any, buffered: bytes, flow: Flow) -> None:
-        """Admit, dial, answer 200, judge the first bytes, then pump until both ends close."""
+        """Admit, dial, answer 200, judge the first flight, then pump until both ends close."""
         admission = self.admission
         current, identity = admission.admit(flow, request)  # steps 4-5
         del request
@@ -113,46 +115,37 @@ class Proxy:
         try:
             send_all(client, ESTABLISHED)  # step 7
             flow.established = True
-            first = self.first_bytes(current, identity, client, upstream, buffered, flow)  # steps 8-9
-            admission.recheck(current, flow)
+            admission.track(flow)  # from here on, a reload's revocation covers it
+            flight = FirstFlight(self.stream_judge(current, identity, flow))
+            settings = self.settings
+            first_flight(client, upstream, buffered, flight, flow, require_tls=identity.require_tls,
+                         hello_timeout=settings.hello_timeout, idle_timeout=settings.idle_timeout)  # steps 8-9
             # An open tunnel keeps nothing of its handshake alive (memory per idle
             # tunnel), nor the policy snapshot it was judged by.
-            del current, identity, buffered
-            admission.opened(flow)
-            self.pump(flow, first)  # step 10
+            del current, identity, buffered, flight
+            self.records.admitted(flow)
+            self.pump(flow)  # step 10
         finally:
             admission.release(flow)
 
-    def first_bytes(self, current: Policy, identity: Identity, client: socket.socket,
-                    upstream: socket.socket, buffered: bytes, flow: Flow) -> bytes:
-        """Steps 8-9: peek and judge the client's first bytes; the bytes to forward."""
-        timeout = self.settings.hello_timeout
-        if not buffered and not identity.require_tls:
-            # Server-speaks-first protocols (SMTP, MySQL...) send nothing from the
-            # client until greeted: do not wait for a hello that will never come.
-            # Whichever side speaks first wakes us; only client bytes are peeked, so a
-            # client that does send a ClientHello is still judged on it.
-            wait_readable([client, upstream], timeout)
-            if not has_input(client):
-                flow.tls = False
-                apply(flow, policy.judge(current, flow.key, flow.question(), identity))
-                return b""
-        hello, data = read_hello(client, buffered, timeout)
-        flow.tls = hello is not None
-        if hello is not None:
-            flow.sni = hello.sni
-        apply(flow, policy.judge(current, flow.key, flow.question(), identity), record_version(data))
-        return data
+    def stream_judge(self, current: Policy, identity: Identity, flow: Flow) -> Callable[[ClientHello | None], None]:
+        """Step 9 for the first flight: judge each ClientHello (None: the stream is not
+        TLS) with everything this tunnel has established; raise its refusal."""
 
-    def pump(self, flow: Flow, first: bytes) -> None:
-        """Step 10: forward the peeked bytes, then copy both ways until done."""
+        def judge(hello: ClientHello | None) -> None:
+            flow.tls = hello is not None
+            flow.sni = hello.sni if hello is not None else None
+            version = hello.record_version if hello is not None else 0x0303
+            apply(flow, policy.judge(current, flow.key, flow.question(), identity), version)
+            self.admission.recheck(current, flow)
+
+        return judge
+
+    def pump(self, flow: Flow) -> None:
+        """Step 10: copy both ways until done."""
         metrics = self.admission.metrics
         metrics.active_tunnels.inc()
         try:
-            if first:
-                send_all(flow.upstream, first)
-                flow.add(True, len(first))
-            del first  # the ClientHello buffer is not kept for the life of the tunnel
             relay(flow.client_sock, flow.upstream, flow, self.settings.idle_timeout)
         except OSError:
             pass
@@ -203,12 +196,12 @@ def serve(settings: Settings) -> int:
         admin.start()
     except OSError as error:
         return _startup_error(f"cannot listen on {settings.metrics_host}:{settings.metrics_port} (METRICS_PORT)", error)
+    loaded = file_state(settings.configmap_path)
     try:
         current = policy.load_policy_file(settings.configmap_path)
     except PolicyError as error:
         log.error(f"cannot load policy: {error}", extra={"path": settings.configmap_path})
         return 1
-    gc.freeze()  # see Reloader.reload(): keep the policy out of future full collections
     hosts = {}
     if settings.hosts_file:
         try:
@@ -217,7 +210,7 @@ def serve(settings: Settings) -> int:
             log.error(f"cannot load HOSTS_FILE: {error}")
             return 1
     admission = Admission(settings, current, metrics, log, system_resolver(hosts))
-    reloader = Reloader(settings.configmap_path, admission)
+    reloader = Reloader(settings.configmap_path, admission, loaded)
     digest, identities = current.digest, len(current.identities)
     del current  # admission holds the one reference; a reload must be able to free it
     proxy = Proxy(settings, admission)
@@ -236,7 +229,7 @@ def serve(settings: Settings) -> int:
 
     gevent.signal_handler(signal.SIGTERM, on_stop, signal.SIGTERM)
     gevent.signal_handler(signal.SIGINT, on_stop, signal.SIGINT)
-    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reloader.reload, "SIGHUP"))
+    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reloader.request, "SIGHUP"))
     background = [gevent.spawn(reloader.watch, settings.watch_interval), gevent.spawn(proxy.housekeeping)]
     log.info("egress-guard listening", extra={
         "version": __version__, "proxy": f"{settings.proxy_host}:{settings.proxy_port}",

@@ -51,6 +51,8 @@ class Origin:
         self.lock = threading.Lock()
         self.accepted = 0
         self.requests: list[Received] = []
+        self.cut_off: list[str] = []  # paths of requests whose connection closed mid-body
+        self.started: list[str] = []  # paths of request heads received (body or not)
         self.release = threading.Event()
         self.closing = False
         self.thread = threading.Thread(target=self._accept, daemon=True)
@@ -92,6 +94,8 @@ class Origin:
         headers = [tuple(part.strip() for part in line.split(":", 1)) for line in lines[1:]]
         received = Received(head, method, target, headers)
         path = urlsplit(target).path
+        with self.lock:
+            self.started.append(path)
         if path == "/reject-early":  # answer without reading the body, as a server refusing an upload does
             with self.lock:
                 self.requests.append(received)
@@ -103,9 +107,14 @@ class Origin:
         if any(v.lower() == "100-continue" for v in received.get("Expect")):
             conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         digest = hashlib.sha256()
-        for piece in self._body(conn, received, rest):
-            digest.update(piece)
-            received.body_length += len(piece)
+        try:
+            for piece in self._body(conn, received, rest):
+                digest.update(piece)
+                received.body_length += len(piece)
+        except OSError:
+            with self.lock:
+                self.cut_off.append(path)
+            raise
         received.body_sha256 = digest.hexdigest()
         with self.lock:
             self.requests.append(received)

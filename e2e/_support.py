@@ -61,7 +61,7 @@ identities:
 """
 
 # Names the TLS upstream's certificate covers.
-CERT_NAMES = ("api.example.com", "other.example.com", "evil.example.com", "allowed.example.com",
+CERT_NAMES = ("api.example.com", "other.example.com", "evil.example.com", "allowed.example.com", "www.example.com",
               "xn--bcher-kva.example.com", "paypal.example.com", "127.0.0.1")
 
 
@@ -469,14 +469,22 @@ def assert_never_dialled(decision: dict, upstream: Upstream, mark: int = 0) -> N
     assert upstream.since(mark) == [], "a refused request was dialled"
 
 
-def server_context(ca: Any) -> ssl.SSLContext:
-    """A TLS server context with a certificate for the test names; records the SNI."""
+def server_context(ca: Any, *, retry: bool = False, names: list | None = None) -> ssl.SSLContext:
+    """A TLS server context with a certificate for the test names; records the SNI.
+
+    `retry`: the server takes only the P-384 group, so a client that key-shares X25519
+    (OpenSSL's default) gets a HelloRetryRequest. `names`: every server name the SNI
+    callback sees is appended here (one per ClientHello that reached OpenSSL)."""
     cert = ca.issue_cert(*CERT_NAMES)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     cert.configure_cert(context)
+    if retry:
+        context.set_ecdh_curve("secp384r1")
 
     def remember(sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
         sock._test_sni = name  # type: ignore[attr-defined]
+        if names is not None:
+            names.append(name)
 
     context.sni_callback = remember
     return context
@@ -651,6 +659,21 @@ class BioTLS:
         except ssl.SSLWantReadError:
             pass
         return self.outgoing.read()
+
+    def next_flight(self) -> bytes:
+        """Read the server's answer until the client has something to send; that."""
+        while True:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("tunnel closed during the TLS handshake")
+            self.incoming.write(data)
+            try:
+                self.obj.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+            out = self.outgoing.read()
+            if out:
+                return out
 
     def finish_handshake(self) -> None:
         while True:

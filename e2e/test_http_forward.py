@@ -234,6 +234,15 @@ def request_bytes(proxy: Proxy, method: str = "GET", path: str = "/", *headers: 
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
+def wait_until_true(predicate, timeout: float = TIMEOUT) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def last_received(proxy: Proxy, target: str):
     found = [r for r in proxy.origin.requests if r.target == target]
     assert found, f"the origin never received {target}"
@@ -408,12 +417,19 @@ def test_chunked_request_body_and_a_request_after_it(proxy: Proxy) -> None:
 
 
 def test_malformed_chunked_body_ends_the_request(proxy: Proxy) -> None:
+    """The head (and the good start of the body) already went to the origin when the bad
+    chunk arrives: the origin connection is closed at once, mid-body, so the origin
+    never gets a complete request, and the client gets 400."""
     with proxy.client() as client:
         client.send(request_bytes(proxy, "POST", "/bad-chunks", "Transfer-Encoding: chunked",
-                                  body=b"5\r\nhelloXX\r\n0\r\n\r\n"))
+                                  body=b"5\r\nhello\r\n"))
+        assert wait_until_true(lambda: "/bad-chunks" in proxy.origin.started)
+        client.send(b"5\r\nhelloXX\r\n0\r\n\r\n")
         status, _, body = client.read_response()
         assert status == 400 and b"chunk" in body
         assert client.closed()
+    assert wait_until_true(lambda: "/bad-chunks" in proxy.origin.cut_off), "the origin connection stayed open"
+    assert not any(r.target.endswith("/bad-chunks") for r in proxy.origin.requests)
 
 
 def test_large_chunked_response_is_streamed(proxy: Proxy, tmp_path: Path) -> None:

@@ -18,10 +18,25 @@ one list to extend when a new class turns up.
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
-from _support import Proxy, Upstream, assert_never_dialled, basic, closed_by_peer, open_client, read_reply, wait_until
+from _support import (
+    BioTLS,
+    Proxy,
+    Upstream,
+    assert_never_dialled,
+    basic,
+    closed_by_peer,
+    connect,
+    open_client,
+    read_reply,
+    recv_exactly,
+    server_context,
+    tls_wrap,
+    wait_until,
+)
 
 HELLOS = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "hellos"
 
@@ -39,6 +54,13 @@ identities:
   strict:
     api_keys: ["strict-key"]
     allowed_destinations: ["127.0.0.1", "api.example.com:1-1"]
+  wide:
+    api_keys: ["wide-key"]
+    allowed_destinations: ["0.0.0.0/0", "::/0", "api.example.com"]
+  plain:
+    api_keys: ["plain-key"]
+    require_tls: false
+    allowed_destinations: ["api.example.com", "127.0.0.1"]
 """
 
 
@@ -77,6 +99,13 @@ def python_hello(sni: str, pad_to: int = 0) -> bytes:
             records += b"\x16\x03\x01" + len(chunk).to_bytes(2, "big") + chunk
         hello = records
     return hello
+
+
+def reframe(hello: bytes, size: int) -> bytes:
+    """A one-record ClientHello re-framed into handshake records of `size` bytes."""
+    payload = hello[5:]
+    return b"".join(hello[:3] + len(payload[p:p + size]).to_bytes(2, "big") + payload[p:p + size]
+                    for p in range(0, len(payload), size))
 
 
 def head(line: bytes, *, key: str | None = "app-key", extra: bytes = b"") -> bytes:
@@ -140,6 +169,17 @@ CASES = [
      b"\x15\x03\x03\x00\x02\x01\x00" + python_hello("api.example.com"), "refused-in-tunnel"),
     ("plain-http-inside-a-tls-only-tunnel", head(b"CONNECT api.example.com:{port} HTTP/1.1"),
      b"GET / HTTP/1.1\r\nHost: evil.example.com\r\n\r\n", "refused-in-tunnel"),
+    # -- second round (the first flight, supernets, bounded work) -------------------------
+    ("hello-in-one-byte-records", head(b"CONNECT api.example.com:{port} HTTP/1.1"),
+     reframe(python_hello("api.example.com"), 1), "refused-in-tunnel"),
+    ("supernet-rule-does-not-unlock-loopback", head(b"CONNECT 127.0.0.1:{port} HTTP/1.1", key="wide-key"),
+     None, 403),
+    ("supernet-rule-does-not-unlock-mapped-loopback",
+     head(b"CONNECT [::ffff:127.0.0.1]:{port} HTTP/1.1", key="wide-key"), None, 403),
+    ("supernet-rule-does-not-unlock-a-name-resolving-to-loopback",
+     head(b"CONNECT api.example.com:{port} HTTP/1.1", key="wide-key"), None, 403),
+    ("supernet-rule-does-not-unlock-metadata", head(b"CONNECT 169.254.169.254:80 HTTP/1.1", key="wide-key"),
+     None, 403),
 ]
 
 
@@ -185,5 +225,137 @@ def test_bypass_class(proxy: Proxy, upstream: Upstream, raw: bytes, after: str |
             # The proxy closed its upstream side too: wait until the recorder saw the end.
             assert wait_until(lambda: all(c.done.is_set() for c in upstream.since(0)), 5)
             assert all(c.received == b"" for c in upstream.since(0)), "refused bytes reached the upstream"
+    finally:
+        sock.close()
+
+
+# -- the first flight: scenarios that need a real TLS server or more than one round ---------------
+
+
+def hello_retry_with_another_name(proxy: Proxy, ca) -> None:
+    """HelloRetryRequest: the second ClientHello names another server (same length, so
+    only the name changes). A real OpenSSL destination records every name it is shown."""
+    names: list = []
+    upstream = Upstream(tls=server_context(ca, retry=True, names=names), peek_timeout=3.0)
+    try:
+        with connect(proxy, f"api.example.com:{upstream.port}", "app-key") as reply:
+            assert reply.status == 200
+            client = BioTLS(reply.sock, ca, "api.example.com")
+            reply.sock.sendall(client.client_hello())
+            second = client.next_flight()  # after the server's HelloRetryRequest
+            reply.sock.sendall(second.replace(b"api.example.com", b"www.example.com"))
+            assert closed_by_peer(reply.sock, 5), "the proxy kept the tunnel open"
+            line = proxy.decision(reply)
+        assert line["action"] == "sni_mismatch" and "second ClientHello" in line["reason"], line
+        assert wait_until(lambda: all(c.done.is_set() for c in upstream.since(0)), 5)
+        assert names == ["api.example.com"], f"the destination was shown {names}"
+    finally:
+        upstream.close()
+
+
+def hello_retry_with_the_same_name(proxy: Proxy, ca) -> None:
+    """A legitimate HelloRetryRequest (real clients meet one whenever the server prefers a
+    group they did not key-share) keeps working."""
+    names: list = []
+    upstream = Upstream(tls=server_context(ca, retry=True, names=names), peek_timeout=3.0)
+    try:
+        with connect(proxy, f"api.example.com:{upstream.port}", "app-key") as reply:
+            stream = tls_wrap(reply.sock, ca, "api.example.com")
+            stream.sendall(b"after a retry")
+            assert recv_exactly(stream, 13) == b"after a retry"
+            line = proxy.decision(reply)
+            stream.close()
+        assert line["action"] == "allowed" and line["sni"] == "api.example.com"
+        assert names == ["api.example.com", "api.example.com"]
+    finally:
+        upstream.close()
+
+
+def second_hello_in_the_first_flight(proxy: Proxy, ca) -> None:
+    """A second ClientHello sent right behind the first, before any HelloRetryRequest."""
+    names: list = []
+    upstream = Upstream(tls=server_context(ca, names=names), peek_timeout=3.0)
+    try:
+        with connect(proxy, f"api.example.com:{upstream.port}", "app-key") as reply:
+            reply.sock.sendall(python_hello("api.example.com") + python_hello("www.example.com"))
+            assert closed_by_peer(reply.sock, 5)
+            line = proxy.decision(reply)
+        assert line["action"] == "sni_mismatch", line
+        assert wait_until(lambda: all(c.done.is_set() for c in upstream.since(0)), 5)
+        assert "www.example.com" not in names
+    finally:
+        upstream.close()
+
+
+def plaintext_identity_silent_past_the_hello_timeout(start_proxy, ca) -> None:
+    """`require_tls: false`, the client waits out HELLO_TIMEOUT, then sends a hello for
+    another name: it is judged all the same."""
+    names: list = []
+    upstream = Upstream(tls=server_context(ca, names=names), peek_timeout=5.0)
+    slow = start_proxy(POLICY, HELLO_TIMEOUT="0.3")
+    try:
+        with connect(slow, f"api.example.com:{upstream.port}", "plain-key") as reply:
+            assert reply.status == 200
+            assert not closed_by_peer(reply.sock, 0.8)  # waited past HELLO_TIMEOUT: still open
+            reply.sock.sendall(python_hello("other.example.com"))
+            assert closed_by_peer(reply.sock, 5)
+            line = slow.decision(reply)
+        assert line["action"] == "sni_mismatch", line
+        assert names == []
+    finally:
+        upstream.close()
+
+
+def plaintext_identity_banner_then_hello(proxy: Proxy, ca) -> None:
+    """`require_tls: false`, the destination speaks first, then the client sends a hello
+    for another name: judged all the same."""
+    upstream = Upstream(mode="banner", peek_timeout=3.0)
+    try:
+        with connect(proxy, f"api.example.com:{upstream.port}", "plain-key") as reply:
+            assert recv_exactly(reply.sock, len(Upstream.BANNER)) == Upstream.BANNER
+            reply.sock.sendall(python_hello("other.example.com"))
+            assert closed_by_peer(reply.sock, 5)
+            line = proxy.decision(reply)
+        assert line["action"] == "sni_mismatch", line
+        assert wait_until(lambda: all(c.done.is_set() for c in upstream.since(0)), 5)
+        assert all(c.received == b"" for c in upstream.since(0)), "the refused hello reached the upstream"
+    finally:
+        upstream.close()
+
+
+FLIGHT_CASES = [
+    ("hello-retry-second-hello-for-another-name", hello_retry_with_another_name),
+    ("hello-retry-same-name-still-works", hello_retry_with_the_same_name),
+    ("second-hello-behind-the-first", second_hello_in_the_first_flight),
+    ("require-tls-false-silent-past-hello-timeout", plaintext_identity_silent_past_the_hello_timeout),
+    ("require-tls-false-banner-then-hello", plaintext_identity_banner_then_hello),
+]
+
+
+@pytest.mark.parametrize("scenario", [c[1] for c in FLIGHT_CASES], ids=[c[0] for c in FLIGHT_CASES])
+def test_first_flight_class(proxy: Proxy, start_proxy, ca, scenario) -> None:
+    if "start_proxy" in scenario.__code__.co_varnames[:scenario.__code__.co_argcount]:
+        scenario(start_proxy, ca)
+    else:
+        scenario(proxy, ca)
+
+
+def test_head_in_too_many_pieces_is_refused(proxy: Proxy) -> None:
+    """Bounded work per client: a head trickled a byte at a time ends in 400, not in
+    the proxy rescanning a growing buffer for every byte."""
+    request = head(b"CONNECT api.example.com:443 HTTP/1.1", extra=b"X-Pad: " + b"a" * 300 + b"\r\n")
+    offset = proxy.log_size()
+    sock = open_client(proxy)
+    try:
+        for index in range(len(request)):
+            try:
+                sock.sendall(request[index:index + 1])
+            except OSError:
+                break  # refused and closed mid-way: what this row wants
+            time.sleep(0.002)  # pacing: each byte its own segment and read
+        reply = read_reply(sock)
+        reply.log_offset = offset
+        assert reply.status == 400 and "pieces" in reply.text, reply.text
+        assert proxy.decision(reply)["action"] == "bad_request"
     finally:
         sock.close()

@@ -353,3 +353,68 @@ def test_revocation_when_require_tls_is_turned_on(start_proxy, fresh_echo_upstre
         proxy.write_policy(PLAIN.format(require_tls="true"))
         assert closed_by_peer(reply.sock, 3), "a plaintext tunnel survived require_tls: true"
     assert counter(proxy, "egress_proxy_tunnels_revoked_total", identity="db") == 1
+
+
+# -- second round: reloads that converge, plain HTTP revoked ------------------------------------
+
+
+def big_policy(n: int) -> str:
+    rules = "\n".join(f'      - "host{i}.big.example.test"' for i in range(n))
+    return BASE.format(extra="") + '  gone:\n    api_keys: ["gone-key"]\n    allowed_destinations:\n' + rules + "\n"
+
+
+def ready_digest(proxy: Proxy) -> str | None:
+    import json
+
+    status, _, body = proxy.http_get("/ready")
+    return json.loads(body).get("policy") if status == 200 else None
+
+
+def test_overlapping_reloads_converge_on_the_newest_file(start_proxy, tls_upstream: Upstream) -> None:
+    """A 150,000-destination policy and SIGHUP, then 0.3 s later a small policy that
+    removes a key and SIGHUP again: the small one must end up in force, and stay."""
+    import hashlib
+
+    proxy: Proxy = start_proxy(big_policy(10), WATCH_INTERVAL="0.5")
+    assert status_of(proxy, f"127.0.0.1:{tls_upstream.port}", key="gone-key") == 403  # known key
+    proxy.write_policy(big_policy(150_000))
+    proxy.signal(signal.SIGHUP)
+    time.sleep(0.3)  # the large compile is under way: this is the race being tested
+    proxy.write_policy(WITHOUT_OTHER)
+    proxy.signal(signal.SIGHUP)
+    small = hashlib.sha256(WITHOUT_OTHER.encode()).hexdigest()[:12]
+    assert wait_until(lambda: ready_digest(proxy) == small, 40, interval=0.2), \
+        f"/ready still reports {ready_digest(proxy)}, not the newest file's {small}"
+    assert not wait_until(lambda: ready_digest(proxy) != small, 2, interval=0.2), "an older policy came back"
+    assert status_of(proxy, f"127.0.0.1:{tls_upstream.port}", key="gone-key") == 407
+
+
+def test_revocation_cuts_an_in_flight_plain_http_exchange(start_proxy) -> None:
+    """A streaming plain-HTTP response stops when a reload removes the key, like a tunnel."""
+    from _forward_origin import Origin
+    from _support import basic, open_client
+
+    origin = Origin()
+    policy = ('identities:\n  web:\n    api_keys: ["web-key"]\n    allowed_destinations: ["127.0.0.1"]\n'
+              '  other:\n    api_keys: ["other-key"]\n    allowed_destinations: ["127.0.0.1"]\n')
+    proxy: Proxy = start_proxy(policy)
+    try:
+        revoked = counter(proxy, "egress_proxy_tunnels_revoked_total", identity="web")
+        sock = open_client(proxy)
+        sock.sendall((f"GET http://127.0.0.1:{origin.port}/slow-chunked HTTP/1.1\r\n"
+                      f"Host: 127.0.0.1:{origin.port}\r\nProxy-Authorization: {basic('web-key')}\r\n\r\n").encode())
+        received = b""
+        while b"first;" not in received:
+            data = sock.recv(65536)
+            assert data, "the response ended before its first chunk"
+            received += data
+        proxy.write_policy(policy.replace('"web-key"', '"web-key-2"'))
+        assert closed_by_peer(sock, 5), "the exchange outlived the revocation of its key"
+        assert b"second;" not in received
+        wait_counter(proxy, "egress_proxy_tunnels_revoked_total", revoked + 1, identity="web")
+        line = proxy.wait_log(lambda l: l.get("message") == "tunnel revoked by policy reload")
+        assert line["identity"] == "web" and line["action"] == "denied"
+        sock.close()
+    finally:
+        origin.release.set()
+        origin.close()

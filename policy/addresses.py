@@ -17,7 +17,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from .hosts import HostError, parse_host, unwrap
 
@@ -28,6 +28,7 @@ __all__ = [
     "IPNetwork",
     "NetworkError",
     "NetworkIndex",
+    "contains",
     "network_key",
     "network_parts",
     "parse_network",
@@ -47,6 +48,15 @@ class NetworkError(ValueError):
 
 
 NetworkKey = tuple[int, int, int]  # (IP version, network address as int, prefix length)
+
+
+def contains(outer: NetworkKey, inner: NetworkKey) -> bool:
+    """Whether network `inner` lies entirely inside network `outer`."""
+    version, value, plen = outer
+    if inner[0] != version or inner[2] < plen:
+        return False
+    shift = _BITS[version] - plen
+    return inner[1] >> shift == value >> shift
 
 
 def network_key(network: IPNetwork | str) -> NetworkKey:
@@ -70,12 +80,21 @@ class _Many(tuple):
     __slots__ = ()
 
 
+def _many(values: list[Any]) -> Any:
+    """Several values on one key: rule numbers in a plain tuple (the garbage collector
+    stops tracking a tuple of numbers after its first look), anything else in `_Many`."""
+    if all(type(v) is int for v in values):
+        return tuple(values)
+    return _Many(values)
+
+
 class NetworkIndex(Generic[V]):
     """Values attached to networks, found by address without scanning.
 
     One level per (version, prefix length): a dict from the masked network integer to the
     values attached to that network, in insertion order. Levels are probed from the most
-    specific prefix to the least.
+    specific prefix to the least. A value must not be a plain tuple: several integer
+    values on one network are stored as one (which the collector soon stops tracking).
     """
 
     __slots__ = ("_levels",)
@@ -92,7 +111,7 @@ class NetworkIndex(Generic[V]):
             # A lone value is stored as itself, not in a 1-tuple: large policies are
             # mostly one rule per network, and every object saved is one less to
             # allocate on load and to free when a reload replaces the snapshot.
-            frozen = {key: values[0] if len(values) == 1 else _Many(values) for key, values in table.items()}
+            frozen = {key: values[0] if len(values) == 1 else _many(values) for key, values in table.items()}
             levels[version].append((plen, mask, frozen))
         self._levels = {
             version: tuple((mask, table) for _, mask, table in sorted(found, key=lambda t: -t[0]))
@@ -104,7 +123,7 @@ class NetworkIndex(Generic[V]):
         for mask, table in self._levels[version]:
             hit = table.get(value & mask)
             if hit is not None:
-                if type(hit) is _Many:
+                if type(hit) is _Many or type(hit) is tuple:
                     yield from hit
                 else:
                     yield hit
@@ -131,6 +150,11 @@ _EMBEDDINGS: tuple[_Embedding, ...] = (
 )
 
 
+class _Range(NamedTuple):
+    key: NetworkKey
+    reason: str
+
+
 @dataclass(frozen=True)
 class ForbiddenRanges:
     """Networks no identity may reach unless it allows the address explicitly.
@@ -140,23 +164,30 @@ class ForbiddenRanges:
     """
 
     ranges: tuple[tuple[IPNetwork, str], ...]
-    _index: NetworkIndex[str] = field(init=False, repr=False, compare=False)
+    _index: NetworkIndex[_Range] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        index = NetworkIndex((network_key(net), f"{net} ({label})") for net, label in self.ranges)
+        index = NetworkIndex((network_key(net), _Range(network_key(net), f"{net} ({label})"))
+                             for net, label in self.ranges)
         object.__setattr__(self, "_index", index)
 
     def match(self, ip: IPAddress) -> str | None:
         """The reason `ip` is forbidden (its range and label), or None if it is not."""
+        found = self.find(ip)
+        return found[1] if found is not None else None
+
+    def find(self, ip: IPAddress) -> tuple[NetworkKey, str] | None:
+        """The most specific forbidden range holding `ip` (or the IPv4 address it carries)
+        and the reason, or None."""
         ip = unwrap(ip)
-        for reason in self._index.lookup(ip.version, int(ip)):
-            return reason
+        for found in self._index.lookup(ip.version, int(ip)):
+            return found
         if ip.version == 6:
             x = int(ip)
             for name, prefix, plen, extract in _EMBEDDINGS:
                 if x >> (128 - plen) == prefix >> (128 - plen):
-                    for reason in self._index.lookup(4, extract(x)):
-                        return f"{reason} embedded in {name} address"
+                    for key, reason in self._index.lookup(4, extract(x)):
+                        return key, f"{reason} embedded in {name} address"
         return None
 
     def __len__(self) -> int:

@@ -237,18 +237,20 @@ def decide_addresses(policy: Policy, identity: Identity, addresses: Sequence[IPA
 
     One forbidden address refuses the request, even if others are fine: the proxy would
     otherwise have to trust that it dials only the good ones, and a rebinding attacker
-    controls the order. An address the identity names explicitly (IP or CIDR rule, at
-    this port) is allowed even inside a forbidden range.
+    controls the order. An address the identity names explicitly is allowed even inside a
+    forbidden range: by an IP rule equal to it, or a CIDR rule lying entirely inside that
+    range (at this port). A broader CIDR (``0.0.0.0/0``) never unlocks a forbidden address.
     """
     if not addresses:
         return Decision(False, Status.DENIED, REASON_NO_ADDRESSES)
     override: Rule | None = None
     for address in addresses:
         ip = unwrap(ipaddress.ip_address(address) if isinstance(address, str) else address)
-        forbidden = policy.forbidden.match(ip)
-        if forbidden is None:
+        found = policy.forbidden.find(ip)
+        if found is None:
             continue
-        rule = identity.allows_address(ip, port)
+        forbidden_range, forbidden = found
+        rule = identity.allows_address(ip, port, inside=forbidden_range)
         if rule is None:
             return Decision(False, Status.DENIED, _detail(REASON_FORBIDDEN_ADDRESS, f"{ip} in {forbidden}"))
         override = override or rule

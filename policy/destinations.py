@@ -21,7 +21,7 @@ import re
 
 from .addresses import NetworkError, network_parts
 from .hosts import HostError, parse_host
-from .model import PortRange, Rule
+from .model import PortRange, Rule, port_range
 
 __all__ = ["DestinationError", "parse_destination", "parse_ports"]
 
@@ -45,17 +45,7 @@ def parse_ports(text: str) -> PortRange:
             raise DestinationError(f"port {port} out of range (1-65535)")
     if low > high:
         raise DestinationError(f"port range {low}-{high} is reversed (write {high}-{low})")
-    # Policies repeat a few ports (443, 8000-8100...) across many rules: share the
-    # frozen PortRange objects instead of making one per rule.
-    ports = _PORT_RANGES.get((low, high))
-    if ports is None:
-        ports = PortRange(low, high)
-        if len(_PORT_RANGES) < 4096:
-            _PORT_RANGES[(low, high)] = ports
-    return ports
-
-
-_PORT_RANGES: dict[tuple[int, int], PortRange] = {}
+    return port_range(low, high)
 
 
 def parse_destination(text: str) -> Rule:

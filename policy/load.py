@@ -21,11 +21,11 @@ from typing import Any
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from .addresses import DEFAULT_FORBIDDEN, ForbiddenRanges, NetworkError, parse_network
+from .addresses import DEFAULT_FORBIDDEN, ForbiddenRanges, NetworkError, network_key, parse_network
 from .destinations import DestinationError, parse_destination
 from .model import MODES, Identity, Policy, PolicyError, Rule, key_digest
 
-__all__ = ["load_policy_file", "load_policy_text"]
+__all__ = ["load_policy_file", "load_policy_text", "warnings"]
 
 TOP_KEYS = ("identities", "settings")
 SETTINGS_KEYS = ("forbidden_ranges",)
@@ -78,6 +78,27 @@ _BaseLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 class _PolicyLoader(_BaseLoader):  # type: ignore[misc, valid-type]
     """The safe loader (libyaml when available); duplicate keys are found on its nodes."""
+
+
+# Networks at least this wide get a warning: a /8 of IPv4, a /32 of IPv6 (an ISP's share).
+WIDE_PREFIX = {4: 8, 6: 32}
+
+
+def warnings(policy: Policy) -> list[str]:
+    """Things a valid policy allows that are rarely meant: one line each (never a key)."""
+    found = []
+    for name, identity in policy.identities.items():
+        for rule in identity.rules:
+            if rule.kind != "cidr":
+                continue
+            version, _, prefix = network_key(rule.target)
+            if prefix <= WIDE_PREFIX[version]:
+                found.append(
+                    f"identity {_show(name)}: allowed_destinations {_show(rule.text)} is a /{prefix} network "
+                    f"(as wide as a /{WIDE_PREFIX[version]} or wider): it reaches a large share of the "
+                    "internet; it never unlocks a forbidden address (list those by address)"
+                )
+    return found
 
 
 def _parse_yaml(text: str, source: str) -> tuple[Any, list[str]]:

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from array import array
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import NamedTuple
 
-from .addresses import DEFAULT_FORBIDDEN, ForbiddenRanges, IPAddress, NetworkIndex, network_key
+from .addresses import DEFAULT_FORBIDDEN, ForbiddenRanges, IPAddress, NetworkIndex, NetworkKey, contains, network_key
 from .hosts import Host, unwrap
 
-__all__ = ["MODES", "Identity", "Policy", "PolicyError", "PortRange", "Rule", "key_digest"]
+__all__ = ["MODES", "Identity", "Policy", "PolicyError", "PortRange", "Rule", "key_digest", "port_range"]
 
 MODES = ("enforce", "report")
 RULE_KINDS = ("domain", "wildcard", "ip", "cidr")
@@ -62,13 +64,14 @@ class PortRange:
         return str(self.low) if self.low == self.high else f"{self.low}-{self.high}"
 
 
-@dataclass(frozen=True, slots=True)
-class Rule:
+class Rule(NamedTuple):
     """One allowed destination.
 
-    `text` is the entry as written in the policy (for logs and explanations); `target`
-    is its normalized match key: the host name (domain), the suffix after ``*.``
-    (wildcard), the canonical address (ip) or network (cidr). `ports` None means any port.
+    `text` is the entry as written in the policy (for logs and explanations); `kind` one
+    of RULE_KINDS; `target` its normalized match key: the host name (domain), the suffix
+    after ``*.`` (wildcard), the canonical address (ip) or network (cidr). `ports` None
+    means any port. (A tuple: the compiled policy stores rules as plain data and builds
+    these values cheaply when a request matches one.)
     """
 
     text: str
@@ -76,69 +79,123 @@ class Rule:
     ports: PortRange | None
     target: str
 
-    def __post_init__(self) -> None:
-        if self.kind not in RULE_KINDS:
-            raise ValueError(f"unknown rule kind {self.kind!r}")
-
     def __str__(self) -> str:
         return self.text
 
 
-def _first_for_port(rules: Rule | tuple[Rule, ...], port: int) -> Rule | None:
-    if type(rules) is Rule:
-        ports = rules.ports
-        return rules if ports is None or ports.low <= port <= ports.high else None
-    for rule in rules:
-        ports = rule.ports
-        if ports is None or ports.low <= port <= ports.high:
-            return rule
-    return None
+_new_rule = tuple.__new__
 
 
-def _group(pairs: Iterable[tuple[str, Rule]]) -> Mapping[str, Rule | tuple[Rule, ...]]:
-    grouped: dict[str, list[Rule]] = {}
-    for key, rule in pairs:
-        grouped.setdefault(key, []).append(rule)
-    # A lone rule is stored bare, not in a 1-tuple: most keys have one rule, and every
-    # object saved is one less to allocate on load and to free when a reload swaps it.
-    return MappingProxyType({key: rules[0] if len(rules) == 1 else tuple(rules) for key, rules in grouped.items()})
+_ANY_PORT = 0  # the port code of a rule without ports
+_BUILT_LIMIT = 1024  # Rule values kept per identity once built
 
 
-@dataclass(frozen=True, slots=True, eq=False, kw_only=True)
+def port_range(low: int, high: int) -> PortRange:
+    """The PortRange low-high, shared: policies repeat a few ranges (443, 8000-8100...)
+    across many rules, and rules are rebuilt from the compact form on every match."""
+    ports = _PORT_RANGES.get((low, high))
+    if ports is None:
+        ports = PortRange(low, high)
+        if len(_PORT_RANGES) < 4096:
+            _PORT_RANGES[(low, high)] = ports
+    return ports
+
+
+_PORT_RANGES: dict[tuple[int, int], PortRange] = {}
+
+
+def _port_code(ports: PortRange | None) -> int:
+    return _ANY_PORT if ports is None else ports.low << 16 | ports.high
+
+
+def _index(pairs: Iterable[tuple[str, int]]) -> dict[str, int | tuple[int, ...]]:
+    """key -> rule number, or a tuple of them (the collector stops tracking a tuple of
+    numbers after its first look at it)."""
+    grouped: dict[str, list[int]] = {}
+    for key, number in pairs:
+        grouped.setdefault(key, []).append(number)
+    return {key: numbers[0] if len(numbers) == 1 else tuple(numbers) for key, numbers in grouped.items()}
+
+
 class Identity:
     """A named set of clients (sharing API keys) and what they may reach.
 
-    Identities compare by object: two loads of the same file give distinct identities,
-    which is what revocation after a reload needs.
+    Immutable. Identities compare by object: two loads of the same file give distinct
+    identities, which is what revocation after a reload needs.
+
+    Rules are stored as data the garbage collector need not look at (strings, numbers,
+    and one array and one tuple per identity, never an object per rule): a policy of
+    100,000 destinations then costs a full collection nothing, so no collection pauses
+    live tunnels for it and nothing needs freezing. `Rule` values are built when asked
+    for (`match`, `rules`).
     """
 
-    name: str
-    mode: str = "enforce"
-    require_tls: bool = True
-    allow_http: bool = True
-    max_tunnels: int | None = None
-    rules: tuple[Rule, ...] = ()
-    _names: Mapping[str, Rule | tuple[Rule, ...]] = field(init=False, repr=False)
-    _suffixes: Mapping[str, Rule | tuple[Rule, ...]] = field(init=False, repr=False)
-    _networks: NetworkIndex[Rule] = field(init=False, repr=False)
+    __slots__ = ("name", "mode", "require_tls", "allow_http", "max_tunnels",
+                 "_texts", "_kinds", "_ports", "_targets", "_names", "_suffixes", "_networks", "_built")
 
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r}")
-        object.__setattr__(self, "rules", tuple(self.rules))
+    def __init__(self, *, name: str, mode: str = "enforce", require_tls: bool = True, allow_http: bool = True,
+                 max_tunnels: int | None = None, rules: Iterable[Rule] = ()) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}")
+        kept = tuple(rules)
+        texts = tuple(rule.text for rule in kept)
+        targets = tuple(rule.target for rule in kept)
+        kinds = bytes(RULE_KINDS.index(rule.kind) for rule in kept)
         # A repeated entry (same kind, target and ports) can never be the first match;
         # indexing it once keeps per-key lists short however a policy was copy-pasted.
         seen: set[tuple[str, str, PortRange | None]] = set()
-        rules = []
-        for rule in self.rules:
+        numbered = []
+        for number, rule in enumerate(kept):
             key = (rule.kind, rule.target, rule.ports)
             if key not in seen:
                 seen.add(key)
-                rules.append(rule)
-        object.__setattr__(self, "_names", _group((r.target, r) for r in rules if r.kind == "domain"))
-        object.__setattr__(self, "_suffixes", _group((r.target, r) for r in rules if r.kind == "wildcard"))
-        networks = NetworkIndex((network_key(r.target), r) for r in rules if r.kind in ("ip", "cidr"))
-        object.__setattr__(self, "_networks", networks)
+                numbered.append((number, rule))
+        fields = {
+            "name": name, "mode": mode, "require_tls": require_tls, "allow_http": allow_http,
+            "max_tunnels": max_tunnels, "_texts": texts, "_targets": targets, "_kinds": kinds,
+            "_ports": array("I", (_port_code(rule.ports) for rule in kept)),
+            "_names": MappingProxyType(_index((r.target, i) for i, r in numbered if r.kind == "domain")),
+            "_suffixes": MappingProxyType(_index((r.target, i) for i, r in numbered if r.kind == "wildcard")),
+            "_networks": NetworkIndex((network_key(r.target), i) for i, r in numbered if r.kind in ("ip", "cidr")),
+            "_built": {},
+        }
+        for field_name, value in fields.items():
+            object.__setattr__(self, field_name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"Identity is immutable (cannot set {name!r})")
+
+    def __repr__(self) -> str:
+        return f"Identity(name={self.name!r}, mode={self.mode!r}, rules={len(self._texts)})"
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        """Every rule, in policy order."""
+        return tuple(self._rule(i) for i in range(len(self._texts)))
+
+    @property
+    def rule_count(self) -> int:
+        return len(self._texts)
+
+    def _rule(self, number: int) -> Rule:
+        rule = self._built.get(number)
+        if rule is None:
+            code = self._ports[number]
+            ports = None if code == _ANY_PORT else port_range(code >> 16, code & 0xFFFF)
+            rule = _new_rule(Rule, (self._texts[number], RULE_KINDS[self._kinds[number]], ports, self._targets[number]))
+            # The rules requests actually match are kept, up to a bound: few objects for
+            # the collector, and a hit costs a dict lookup.
+            if len(self._built) < _BUILT_LIMIT:
+                self._built[number] = rule
+        return rule
+
+    def _first_for_port(self, hit: int | tuple[int, ...], port: int) -> Rule | None:
+        codes = self._ports
+        for number in (hit,) if type(hit) is int else hit:
+            code = codes[number]
+            if code == _ANY_PORT or code >> 16 <= port <= code & 0xFFFF:
+                return self._rule(number)
+        return None
 
     def match(self, host: Host, port: int) -> Rule | None:
         """The first rule allowing `host` at `port`, or None.
@@ -149,9 +206,9 @@ class Identity:
         if host.ip is not None:
             return self.allows_address(host.ip, port)
         name = host.name
-        rules = self._names.get(name)
-        if rules is not None:
-            rule = _first_for_port(rules, port)
+        hit = self._names.get(name)
+        if hit is not None:
+            rule = self._first_for_port(hit, port)
             if rule is not None:
                 return rule
         suffixes = self._suffixes
@@ -160,25 +217,30 @@ class Identity:
             # "cdn.example.com" itself or "evilcdn.example.com".
             dot = name.find(".")
             while dot != -1:
-                rules = suffixes.get(name[dot + 1 :])
-                if rules is not None:
-                    rule = _first_for_port(rules, port)
+                hit = suffixes.get(name[dot + 1 :])
+                if hit is not None:
+                    rule = self._first_for_port(hit, port)
                     if rule is not None:
                         return rule
                 dot = name.find(".", dot + 1)
         return None
 
-    def allows_address(self, ip: IPAddress, port: int) -> Rule | None:
+    def allows_address(self, ip: IPAddress, port: int, inside: NetworkKey | None = None) -> Rule | None:
         """The IP or CIDR rule naming `ip` at `port`, or None.
 
-        Only explicit address rules count: this is what lets an identity reach an address
-        that the forbidden ranges would otherwise refuse.
+        With `inside` (a forbidden range holding `ip`), only a rule that names exactly this
+        address, or a network lying entirely inside that range, counts: this is what lets
+        an identity reach an address the forbidden ranges would otherwise refuse, and a
+        broad rule such as ``0.0.0.0/0`` must never do that.
         """
         ip = unwrap(ip)
-        for rule in self._networks.lookup(ip.version, int(ip)):
-            ports = rule.ports
-            if ports is None or ports.low <= port <= ports.high:
-                return rule
+        codes = self._ports
+        for number in self._networks.lookup(ip.version, int(ip)):
+            code = codes[number]
+            if code == _ANY_PORT or code >> 16 <= port <= code & 0xFFFF:
+                if inside is None or RULE_KINDS[self._kinds[number]] == "ip" \
+                        or contains(inside, network_key(self._targets[number])):
+                    return self._rule(number)
         return None
 
 
@@ -239,4 +301,4 @@ class Policy:
 
     @property
     def destination_count(self) -> int:
-        return sum(len(identity.rules) for identity in self.identities.values())
+        return sum(identity.rule_count for identity in self.identities.values())

@@ -67,9 +67,8 @@ class Admission:
         flow.upstream = upstream
         return upstream
 
-    def opened(self, flow: Flow) -> None:
-        """The request is let through: its decision line, and it joins the open flows."""
-        self.records.admitted(flow)
+    def track(self, flow: Flow) -> None:
+        """The flow joins the open flows: revocation re-judges them, draining closes them."""
         self.open.add(flow)
 
     def take_slot(self, identity: Identity, flow: Flow) -> None:

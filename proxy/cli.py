@@ -11,6 +11,7 @@ import sys
 
 import policy
 from policy import PolicyError
+from policy.load import warnings as policy_warnings
 from proxy.settings import defaults_table
 from wire import http
 
@@ -32,6 +33,8 @@ def check_policy(path: str) -> int:
     current = _load(path)
     if current is None:
         return 1
+    for warning in policy_warnings(current):
+        print(f"{path}: warning: {warning}", file=sys.stderr)
     print(f"{path}: ok: {len(current.identities)} identities, {current.key_count} API keys, "
           f"{current.destination_count} destinations")
     return 0

@@ -227,7 +227,8 @@ def forward(admission: Admission, client: socket.socket, request: http.Request, 
     upstream = admission.connect(current, identity, flow)
     del current, identity  # an exchange keeps no policy snapshot alive
     flow.client_sock = client
-    admission.opened(flow)
+    admission.track(flow)
+    admission.records.admitted(flow)
     try:
         keep, leftover = Exchange(admission, client, upstream, request, flow).run(framing, buffered)
     finally:

@@ -162,21 +162,6 @@ def wait_readable(socks: list[socket.socket], timeout: float) -> socket.socket |
             watcher.close()
 
 
-def has_input(sock: socket.socket) -> bool:
-    """Is there data (or an EOF) to read right now? Never blocks."""
-    timeout = sock.gettimeout()
-    sock.settimeout(0.0)
-    try:
-        sock.recv(1, socket.MSG_PEEK)
-        return True
-    except (BlockingIOError, socket.timeout):
-        return False
-    except OSError:
-        return True  # an error is something to read: the next recv reports it
-    finally:
-        sock.settimeout(timeout)
-
-
 class _Idle(Exception):
     pass
 

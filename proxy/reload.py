@@ -4,6 +4,11 @@ A reload reads and compiles the file into a new immutable snapshot and swaps
 `Admission.policy` with one assignment; a file that fails to load never replaces a good
 snapshot. After a swap, every open flow (tunnel or plain-HTTP exchange) is judged again
 by the new policy, and the ones it refuses are closed (revocation).
+
+Reloads are serialized: the watcher and SIGHUP only ask for one (`request`); one greenlet
+at a time loads, and asks that arrive meanwhile are coalesced into one more load. The
+file's state is taken before each read and compared after it, so a file that changed
+while a large policy was compiling is loaded again: the newest content always wins.
 """
 
 from __future__ import annotations
@@ -27,60 +32,73 @@ FileState = tuple[int, int, int, int]
 class Reloader:
     """Keeps `admission.policy` in step with the policy file."""
 
-    def __init__(self, path: str, admission: Admission) -> None:
+    def __init__(self, path: str, admission: Admission, loaded: FileState | None = None) -> None:
+        """`loaded`: the file's state taken just before the policy in force was read."""
         self.path = path
         self.admission = admission
         self.metrics = admission.metrics
         self.records = admission.records
-        self._file_state: FileState | None = None
+        self._file_state = loaded  # the file as last read (loaded or refused)
+        self._pending: str | None = None  # why another load was asked for meanwhile
+        self._loading = False
         self.metrics.policy_loaded(destination_counts(admission.policy))
 
     def file_state(self) -> FileState | None:
-        """What identifies the file's content; stat() follows the ConfigMap `..data` symlink."""
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+        return file_state(self.path)
 
     def watch(self, interval: float) -> None:
-        """Poll the policy file; reload when its mtime, size or inode changed."""
-        self._file_state = self.file_state()
+        """Poll the policy file; reload when its mtime, size or inode changed since it
+        was last read."""
+        if self._file_state is None:
+            self._file_state = self.file_state()
         while True:
             gevent.sleep(interval)
-            state = self.file_state()
-            if state != self._file_state:
+            if self.file_state() != self._file_state:
+                self.request("file changed")
+
+    def request(self, why: str) -> None:
+        """Reload now, or once more after the reload under way (asks are coalesced)."""
+        self._pending = why
+        if self._loading:
+            return
+        self._loading = True
+        try:
+            while self._pending is not None:
+                why, self._pending = self._pending, None
+                state = self.file_state()
+                self.reload(why)
                 self._file_state = state
-                self.reload("file changed")
+                if self.file_state() != state and self._pending is None:
+                    self._pending = "file changed during reload"
+        finally:
+            self._loading = False
 
     def reload(self, why: str) -> bool:
-        """Load the file into a new snapshot and swap it in; keep the old one on failure."""
+        """Load the file into a new snapshot and swap it in; keep the old one on failure.
+        Call through `request`, which keeps reloads one at a time."""
         # Compiling a large policy is CPU work: run it in the thread pool so the hub
-        # keeps pumping live tunnels in between (the GIL changes hands every 5 ms).
-        # The cyclic GC is paused meanwhile: a full collection triggered by the
-        # compile's allocations would scan every object while holding the GIL, the
-        # one long stall left (measured ~100 ms at 100k destinations; ~15 ms without).
-        # A shorter GIL switch interval while the compile runs keeps each tunnel's wait
-        # for the GIL near 1 ms instead of 5 ms.
+        # keeps pumping live tunnels in between, with a short GIL switch interval so each
+        # tunnel waits about 1 ms for the GIL rather than 5 ms. The cyclic collector is
+        # paused meanwhile: the YAML parser's node tree is large, and full collections
+        # triggered by its allocations would scan it again and again while holding the
+        # GIL (stalls of hundreds of ms at 100k destinations). It is switched back on
+        # afterwards, and finds little to scan: the compiled policy holds almost nothing
+        # it tracks. (Nothing is frozen: that would also pin whatever garbage exists at
+        # that moment, for good.)
         interval = sys.getswitchinterval()
-        gc.disable()
         sys.setswitchinterval(0.001)
+        gc.disable()
         try:
             fresh = gevent.get_hub().threadpool.apply(_load_quietly, (self.path,))
-            if isinstance(fresh, PolicyError):
-                self.metrics.load_errors.inc()
-                log.error("policy reload failed; keeping the last good policy",
-                          extra={"path": self.path, "trigger": why, "error": str(fresh)})
-                return False
-            # Freeing the old snapshot happens here, when its last reference goes.
-            self.admission.policy = fresh
-            # Long-lived snapshot objects leave the collector's generations before it is
-            # switched back on, so no full collection rescans a large policy (they are
-            # still freed by reference counting when a later reload replaces them).
-            gc.freeze()
         finally:
-            sys.setswitchinterval(interval)
             gc.enable()
+            sys.setswitchinterval(interval)
+        if isinstance(fresh, PolicyError):
+            self.metrics.load_errors.inc()
+            log.error("policy reload failed; keeping the last good policy",
+                      extra={"path": self.path, "trigger": why, "error": str(fresh)})
+            return False
+        self.admission.policy = fresh  # the old snapshot is freed when its last reference goes
         self.metrics.reloads.inc()
         self.metrics.policy_loaded(destination_counts(fresh))
         log.info("policy reloaded", extra={
@@ -93,16 +111,23 @@ class Reloader:
     def revoke(self, current: Policy) -> None:
         """Close open flows the new policy would refuse; leave every other one alone."""
         for flow in list(self.admission.open):
-            if flow.http:
-                continue  # an in-flight plain-HTTP exchange finishes; the next request is judged anew
             why = refused_by(current, flow)
             if why is not None:
                 self.records.revoked(flow, why)
                 flow.close("revoked")
 
 
+def file_state(path: str) -> FileState | None:
+    """What identifies a file's content; stat() follows the ConfigMap `..data` symlink."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+
+
 def destination_counts(current: Policy) -> dict[str, int]:
-    return {name: len(identity.rules) for name, identity in current.identities.items()}
+    return {name: identity.rule_count for name, identity in current.identities.items()}
 
 
 def _load_quietly(path: str) -> Policy | PolicyError:

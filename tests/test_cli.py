@@ -127,3 +127,18 @@ def test_explain_bad_policy_is_exit_2(tmp_path: Path) -> None:
     result = cli("explain", str(path), "--key", "k", "--dest", "a.example:443")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
+
+
+def test_check_policy_warns_about_wide_networks_without_failing(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "identities:\n"
+        "  wide:\n    api_keys: [k1]\n    allowed_destinations: ['0.0.0.0/0:443', '10.0.0.0/8', '10.1.0.0/16', '::/0']\n"
+    )
+    result = cli("check-policy", str(path))
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if ": warning: " in line]
+    assert len(warnings) == 3, result.stderr  # /0, /8 and ::/0; not the /16
+    assert "'0.0.0.0/0:443' is a /0 network" in result.stderr and "never unlocks a forbidden address" in result.stderr
+    assert "10.1.0.0/16" not in result.stderr
+    assert result.stdout.startswith(f"{path}: ok:")

@@ -164,6 +164,31 @@ def test_override_names_the_address_actually_dialled() -> None:
     assert not decision.allowed and "embedded in NAT64" in decision.reason
 
 
+@pytest.mark.parametrize(
+    ("rule", "address", "allowed"),
+    [
+        pytest.param("0.0.0.0/0", "127.0.0.1", False, id="v4-everything-does-not-unlock-loopback"),
+        pytest.param("0.0.0.0/0", "169.254.169.254", False, id="v4-everything-does-not-unlock-metadata"),
+        pytest.param("0.0.0.0/0", "::ffff:127.0.0.1", False, id="v4-everything-does-not-unlock-mapped-loopback"),
+        pytest.param("::/0", "::1", False, id="v6-everything-does-not-unlock-loopback"),
+        pytest.param("::/0", "fd00:ec2::254", False, id="v6-everything-does-not-unlock-imds"),
+        pytest.param("::/0", "64:ff9b::7f00:1", False, id="v6-everything-does-not-unlock-nat64-loopback"),
+        pytest.param("0.0.0.0/0", "93.184.216.34", True, id="v4-everything-reaches-public"),
+        pytest.param("126.0.0.0/7", "127.0.0.1", False, id="wider-than-the-range"),
+        pytest.param("169.0.0.0/8", "169.254.169.254", False, id="wider-than-link-local"),
+        pytest.param("127.0.0.0/8", "127.0.0.1", True, id="equal-to-the-range"),
+        pytest.param("127.0.0.0/16", "127.0.0.1", True, id="inside-the-range"),
+        pytest.param("127.0.0.1", "127.0.0.1", True, id="the-address-itself"),
+        pytest.param("169.254.169.254/32", "169.254.169.254", True, id="a-host-network"),
+        pytest.param("64:ff9b::7f00:1", "64:ff9b::7f00:1", True, id="the-nat64-address-itself"),
+    ],
+)
+def test_only_an_explicit_rule_inside_a_forbidden_range_unlocks_it(rule: str, address: str, allowed: bool) -> None:
+    ident = Identity(name="t", rules=(parse_destination(rule),))
+    decision = decide_addresses(POLICY_DEFAULTS, ident, [address], 443)
+    assert decision.allowed is allowed, decision
+
+
 _ONE = 'identities:\n  "t":\n    api_keys: ["k"]\n    allowed_destinations: ["a.example.com"]\n'
 
 
@@ -187,6 +212,9 @@ def test_decide_addresses_table(addresses: list[str], allowed: bool, reason: str
     decision = decide_addresses(policy, ident, [ipaddress.ip_address(a) for a in addresses], 443)
     assert (decision.allowed, decision.reason) == (allowed, reason)
     assert decision.status == ("allowed" if allowed else "denied")
+
+
+POLICY_DEFAULTS = load_policy_text(_ONE)
 
 
 def test_report_mode_never_relaxes_the_guard() -> None:

@@ -24,6 +24,9 @@ from policy.hosts import Host, HostError, parse_host
 
 MAX_HEAD_BYTES = 16384
 MAX_HEADER_FIELDS = 100
+# Reads a head may take: one per line of a client writing each field separately, and
+# some more; bounds the work a client sending a byte at a time can cause.
+MAX_HEAD_PIECES = MAX_HEADER_FIELDS + 28
 HEAD_END = b"\r\n\r\n"
 
 # RFC 9110 token characters.
@@ -99,15 +102,19 @@ def header_values(headers: tuple[tuple[str, str], ...], name: str) -> list[str]:
     return [value for key, value in headers if key.lower() == name]
 
 
-def find_head_end(buffer: bytes | bytearray) -> int:
+def find_head_end(buffer: bytes | bytearray, start: int = 0) -> int:
     """Offset just past the blank line ending the head, or -1 if not there yet.
 
-    Raises BadRequest as soon as a bare LF shows up, so a client that ends lines with
-    LF alone gets an answer instead of waiting for the header timeout.
+    `start`: how much of `buffer` an earlier call already examined (and found no end in),
+    so a head arriving in many pieces is scanned once, not once per piece. Raises
+    BadRequest as soon as a bare LF shows up, so a client that ends lines with LF alone
+    gets an answer instead of waiting for the header timeout.
     """
-    end = buffer.find(HEAD_END)
-    scan = buffer if end < 0 else buffer[: end + 4]
-    if scan.count(b"\n") != scan.count(b"\r\n"):
+    # Back up far enough to see a CRLF CRLF (or a CRLF) that straddles the old end.
+    begin = max(0, start - 3)
+    end = buffer.find(HEAD_END, begin)
+    scan = buffer[begin:] if end < 0 else buffer[begin : end + 4]
+    if scan.count(b"\n") != scan.count(b"\r\n") + (scan[:1] == b"\n" and buffer[begin - 1 : begin] == b"\r"):
         raise BadRequest("bare LF in request head: lines must end with CRLF")
     return -1 if end < 0 else end + 4
 

@@ -38,11 +38,14 @@ __all__ = [
     "MAX_HELLO_BYTES",
     "NEED_MORE",
     "ClientHello",
+    "HelloReader",
     "Invalid",
     "NeedMore",
+    "ServerHello",
     "alert",
     "is_tls_start",
     "parse_client_hello",
+    "parse_server_hello",
 ]
 
 # Cap on everything buffered while waiting for the hello: all records that carry it, record
@@ -202,85 +205,128 @@ def parse_client_hello(data: bytes | bytearray | memoryview) -> ClientHello | Ne
     Returns ``ClientHello``, ``NEED_MORE`` or ``Invalid``; never raises for bytes-like input.
     Bytes after the records that carry the hello are ignored (``ClientHello.length`` marks
     where they start). The result holds no reference to ``data``, so a bytearray buffer can
-    grow again as soon as this returns.
+    grow again as soon as this returns. (`HelloReader` is the same parser fed piece by piece.)
     """
     view = memoryview(data)
     if view.ndim != 1 or view.itemsize != 1 or not view.c_contiguous:
         view = memoryview(view.tobytes())
     elif view.format != "B":
         view = view.cast("B")
-    size = len(view)
-    if size == 0:
-        return NEED_MORE
-    if view[0] != _CONTENT_HANDSHAKE:
-        return _NOT_HANDSHAKE
+    return HelloReader().feed(view)
 
-    # Walk the records, gathering handshake bytes until the whole client_hello message
-    # (4-byte handshake header + body) is in. Every check runs on the bytes available, so a
-    # prefix that already proves the hello bad or oversized is refused without waiting.
-    pos = 0  # start of the current record
-    fragments: list[memoryview] = []  # payloads of the complete records, in order
-    gathered = 0  # handshake bytes in ``fragments``
-    header = b""  # first 4 handshake bytes, while still incomplete
-    needed = -1  # 4 + handshake length, once the handshake header is known
-    while True:
-        if pos + 6 > MAX_HELLO_BYTES:
-            # Another record is needed, and even a 1-byte one would not fit in the cap.
-            return _TOO_BIG
-        available = size - pos
-        if available >= 1 and view[pos] != _CONTENT_HANDSHAKE:
-            # A client may interleave nothing with its hello: an alert, CCS or application
-            # data record here is either a broken client or an attempt to smuggle bytes.
-            return _FOREIGN_RECORD if pos else _NOT_HANDSHAKE
-        if available >= 2 and view[pos + 1] != 3:
-            return _BAD_RECORD_VERSION
-        if available < 5:
+
+class HelloReader:
+    """The ClientHello parser, fed the bytes as they arrive: each call looks only at the
+    new bytes (and at most one record header and four handshake bytes it had seen
+    before), so a hello delivered in many small pieces costs linear time.
+
+    `feed()` returns the outcome so far; once it is a ClientHello or Invalid, it stays.
+    After a ClientHello, `trailing` counts handshake bytes that followed the message inside
+    its last record (another handshake message), and `records` how many records carried it.
+    """
+
+    __slots__ = ("_buf", "_pos", "_hs", "_needed", "_result", "records", "trailing")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()  # every byte fed (at most MAX_HELLO_BYTES + one read)
+        self._pos = 0  # start of the first record not yet complete
+        self._hs = bytearray()  # handshake bytes of the complete records
+        self._needed = -1  # 4 + handshake length, once the handshake header is known
+        self._result: ClientHello | Invalid | None = None
+        self.records = 0
+        self.trailing = 0
+
+    def feed(self, data: bytes | bytearray | memoryview) -> ClientHello | NeedMore | Invalid:
+        if self._result is not None:
+            return self._result
+        if not self._buf:
+            whole = _one_record(data)
+            if whole is not None:
+                return self._end(whole)
+        buf = self._buf
+        buf += data
+        size = len(buf)
+        if size == 0:
             return NEED_MORE
-        record_length = (view[pos + 3] << 8) | view[pos + 4]
-        if record_length == 0 or record_length > _MAX_RECORD_PAYLOAD:
-            # Zero-length handshake fragments are forbidden (RFC 8446 section 5.1).
-            return _BAD_RECORD_LENGTH
-        record_end = pos + 5 + record_length
-        if record_end > MAX_HELLO_BYTES:
-            return _TOO_BIG
-        payload = view[pos + 5 : min(record_end, size)]
+        if buf[0] != _CONTENT_HANDSHAKE:
+            return self._end(_NOT_HANDSHAKE)
+        # Walk the records, gathering handshake bytes until the whole client_hello message
+        # (4-byte handshake header + body) is in. Every check runs on the bytes available, so a
+        # prefix that already proves the hello bad or oversized is refused without waiting.
+        pos, hs = self._pos, self._hs
+        while True:
+            if pos + 6 > MAX_HELLO_BYTES:
+                # Another record is needed, and even a 1-byte one would not fit in the cap.
+                return self._end(_TOO_BIG)
+            available = size - pos
+            if available >= 1 and buf[pos] != _CONTENT_HANDSHAKE:
+                # A client may interleave nothing with its hello: an alert, CCS or application
+                # data record here is either a broken client or an attempt to smuggle bytes.
+                return self._end(_FOREIGN_RECORD if pos else _NOT_HANDSHAKE)
+            if available >= 2 and buf[pos + 1] != 3:
+                return self._end(_BAD_RECORD_VERSION)
+            if available < 5:
+                self._pos = pos
+                return NEED_MORE
+            record_length = (buf[pos + 3] << 8) | buf[pos + 4]
+            if record_length == 0 or record_length > _MAX_RECORD_PAYLOAD:
+                # Zero-length handshake fragments are forbidden (RFC 8446 section 5.1).
+                return self._end(_BAD_RECORD_LENGTH)
+            record_end = pos + 5 + record_length
+            if record_end > MAX_HELLO_BYTES:
+                return self._end(_TOO_BIG)
+            if self._needed < 0:
+                header = bytes(hs[:4]) + bytes(buf[pos + 5 : min(record_end, size, pos + 9 - len(hs))])
+                if header and header[0] != _HANDSHAKE_CLIENT_HELLO:
+                    return self._end(_NOT_CLIENT_HELLO)
+                if len(header) >= 4:
+                    self._needed = 4 + int.from_bytes(header[1:4], "big")
+            needed = self._needed
+            if needed >= 0:
+                # The least the whole hello can take: this record, plus one more record header
+                # if the message does not end inside it.
+                missing = needed - len(hs)
+                least = record_end
+                if missing > record_length:
+                    least += 5 + missing - record_length
+                if least > MAX_HELLO_BYTES:
+                    return self._end(_TOO_BIG)
+            if record_end > size:
+                self._pos = pos
+                return NEED_MORE
+            hs += buf[pos + 5 : record_end]
+            self.records += 1
+            pos = record_end
+            if 0 <= needed <= len(hs):
+                break
+        self._pos = pos
+        self.trailing = len(hs) - needed
+        message: bytes | memoryview = memoryview(hs)[:needed] if self.trailing else memoryview(hs)
+        try:
+            result = _parse_body(message, 4, needed, record_version=(buf[1] << 8) | buf[2], length=pos)
+        finally:
+            message.release()
+        return self._end(result)
 
-        if needed < 0:
-            header += bytes(payload[: 4 - len(header)])
-            if header and header[0] != _HANDSHAKE_CLIENT_HELLO:
-                return _NOT_CLIENT_HELLO
-            if len(header) == 4:
-                needed = 4 + int.from_bytes(header[1:4], "big")
-        if needed >= 0:
-            # The least the whole hello can take: this record, plus one more record header
-            # if the message does not end inside it.
-            missing = needed - gathered
-            least = record_end
-            if missing > record_length:
-                least += 5 + missing - record_length
-            if least > MAX_HELLO_BYTES:
-                return _TOO_BIG
+    def _end(self, result: ClientHello | Invalid) -> ClientHello | Invalid:
+        self._result = result
+        self._buf = self._hs = bytearray()  # nothing more is needed of the bytes
+        return result
 
-        if record_end > size:
-            return NEED_MORE
-        fragments.append(payload)
-        gathered += record_length
-        pos = record_end
-        if 0 <= needed <= gathered:
-            break
 
-    if len(fragments) == 1:
-        # The usual case, one record: parse in place without copying.
-        message: bytes | memoryview = fragments[0]
-    else:
-        message = b"".join(fragments)
-    return _parse_body(
-        message,
-        4,
-        needed,
-        record_version=(view[1] << 8) | view[2],
-        length=pos,
-    )
+def _one_record(data: bytes | bytearray | memoryview) -> ClientHello | Invalid | None:
+    """The usual case, a whole hello in one record at the start of `data`, parsed in
+    place; None for anything else (the general walk decides)."""
+    size = len(data)
+    if size < 9 or data[0] != _CONTENT_HANDSHAKE or data[1] != 3 or data[5] != _HANDSHAKE_CLIENT_HELLO:
+        return None
+    record_length = (data[3] << 8) | data[4]
+    needed = 4 + ((data[6] << 16) | (data[7] << 8) | data[8])
+    if not 0 < record_length <= _MAX_RECORD_PAYLOAD or 5 + record_length > min(size, MAX_HELLO_BYTES) \
+            or needed != record_length:
+        return None
+    with memoryview(data) as view, view[5 : 5 + record_length] as message:
+        return _parse_body(message, 4, needed, record_version=(data[1] << 8) | data[2], length=5 + record_length)
 
 
 def _parse_body(
@@ -421,3 +467,59 @@ def _parse_alpn(msg: bytes | memoryview, p: int, end: int) -> tuple[str, ...] | 
         names.append(bytes(msg[p : p + name_length]).decode("latin-1"))
         p += name_length
     return tuple(names)
+
+
+# --- the server's answer ----------------------------------------------------------------------
+
+# A ServerHello whose random is this value is a HelloRetryRequest (RFC 8446 section 4.1.3).
+_RETRY_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
+TLS13 = 0x0304
+
+
+@dataclass(frozen=True, slots=True)
+class ServerHello:
+    """What the proxy needs of the server's first handshake message."""
+
+    version: int
+    """The version the server chose: ``supported_versions`` if present, else legacy_version."""
+    retry: bool
+    """A HelloRetryRequest: the client must send a second ClientHello."""
+
+
+_BAD_SERVER_HELLO = Invalid("malformed server_hello")
+
+
+def parse_server_hello(body: bytes | bytearray | memoryview) -> ServerHello | Invalid:
+    """Parse a complete ServerHello message body (after its 4-byte handshake header).
+
+    RFC 8446 section 4.1.3 / RFC 5246 section 7.4.1.3: legacy_version, random, session id,
+    cipher suite, compression method, then optional extensions, of which only
+    ``supported_versions`` (the negotiated version, TLS 1.3) is read.
+    """
+    end = len(body)
+    if end < 38 or body[0] != 3:
+        return _BAD_SERVER_HELLO
+    version = (body[0] << 8) | body[1]
+    retry = bytes(body[2:34]) == _RETRY_RANDOM
+    p = 35 + body[34]
+    if body[34] > 32 or p + 3 > end:
+        return _BAD_SERVER_HELLO
+    p += 3  # cipher_suite, legacy_compression_method
+    if p == end:
+        return ServerHello(version, retry)  # no extensions: TLS 1.2 or older
+    if p + 2 > end or p + 2 + ((body[p] << 8) | body[p + 1]) != end:
+        return _BAD_SERVER_HELLO
+    p += 2
+    while p < end:
+        if p + 4 > end:
+            return _BAD_SERVER_HELLO
+        ext_type, ext_length = _EXT_HEADER.unpack_from(body, p)
+        p += 4
+        if p + ext_length > end:
+            return _BAD_SERVER_HELLO
+        if ext_type == _EXT_SUPPORTED_VERSIONS:
+            if ext_length != 2:
+                return _BAD_SERVER_HELLO
+            version = (body[p] << 8) | body[p + 1]
+        p += ext_length
+    return ServerHello(version, retry)
