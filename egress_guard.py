@@ -16,6 +16,7 @@ if __name__ == "__main__":
 
     monkey.patch_all()
 
+import _socket
 import errno
 import logging
 import os
@@ -41,16 +42,36 @@ from proxy.flow import Flow
 from proxy.forward import forward
 from proxy.observe import Metrics, configure_logging
 from proxy.handshake import first_flight
-from proxy.pump import relay, send_all
+from proxy.pump import relay
 from proxy.reading import Closed, read_request
 from proxy.refusal import ESTABLISHED, Refusal
 from proxy.reload import Reloader, file_state
 from proxy.settings import Settings, SettingsError
+from proxy.stream import Stream
 from wire.handshake import FirstFlight
 from wire.tls import ClientHello
 
 __version__ = cli.__version__
 log = logging.getLogger("egress_guard")
+
+
+class Listener(StreamServer):
+    """gevent's StreamServer (a greenlet per accepted connection, spawned into a pool),
+    handing the handler a `Stream` over the accepted socket instead of building a gevent
+    socket wrapper for it: the handler works on the real socket (proxy/stream.py), and
+    a wrapper is made only if a plain-HTTP request needs one."""
+
+    def do_read(self) -> tuple[Stream, Any] | None:
+        try:
+            fd, address = self.socket._accept()  # noqa: SLF001 - what StreamServer.do_read calls
+        except BlockingIOError:
+            return None
+        sock = _socket.socket(self.socket.family, self.socket.type, 0, fd)
+        sock.setblocking(False)
+        return Stream(sock), address
+
+    def do_close(self, stream: Stream, *args: Any) -> None:
+        stream.close()
 
 
 class Proxy:
@@ -63,37 +84,42 @@ class Proxy:
         # Unbounded pool: MAX_CONNECTIONS is enforced in handle() with a quick 503, not
         # by leaving clients waiting in the accept backlog.
         self.connections = gevent.pool.Pool(None)
-        self.server: StreamServer | None = None
+        self.server: Listener | None = None
         # Read at scrape time: nothing to update on the hot path.
         admission.metrics.client_connections.set_function(lambda: len(self.connections))
 
     def listen(self) -> None:
-        self.server = StreamServer((self.settings.proxy_host, self.settings.proxy_port), self.handle,
+        self.server = Listener((self.settings.proxy_host, self.settings.proxy_port), self.handle,
                                    spawn=self.connections, backlog=4096)
         self.server.start()
 
     # -- steps 1-3: accept, read and parse the head --------------------------------
 
-    def handle(self, client: socket.socket, address: Any) -> None:
+    def handle(self, stream: Stream, address: Any) -> None:
         peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
         del address
         flow = Flow(peer)
+        flow.client_stream = stream
+        admission = self.admission
         try:
             if len(self.connections) > self.settings.max_connections:
                 raise Refusal.answer_http(503, "too many connections; retry shortly", headers=[("Retry-After", "1")])
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            stream.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             buffered = b""
             while True:  # one request per CONNECT; several for keep-alive plain HTTP
-                flow = Flow(peer)
-                request, buffered = read_request(client, buffered, self.settings.header_timeout)
+                if flow.method:
+                    flow = Flow(peer)
+                    flow.client_stream = stream
+                request, buffered = read_request(stream, buffered, flow, admission.sweeper,
+                                                 self.settings.header_timeout)
                 if request.is_connect:
-                    self.tunnel(client, request, buffered, flow)
+                    self.tunnel(stream, request, buffered, flow)
                     return
-                keep_alive, buffered = forward(self.admission, client, request, buffered, flow)
+                keep_alive, buffered = forward(admission, stream.to_gevent(), request, buffered, flow)
                 if not keep_alive:
                     return
         except Refusal as refusal:
-            self.admission.refuse(client, flow, refusal)
+            admission.refuse(stream, flow, refusal)
         except Closed as closed:
             if closed.partial:
                 self.records.decision(flow, Status.BAD_REQUEST, "client closed mid-request", level=logging.DEBUG)
@@ -105,24 +131,23 @@ class Proxy:
 
     # -- steps 4-10: one CONNECT ------------------------------------------------------
 
-    def tunnel(self, client: socket.socket, request: Any, buffered: bytes, flow: Flow) -> None:
+    def tunnel(self, client: Stream, request: Any, buffered: bytes, flow: Flow) -> None:
         """Admit, dial, answer 200, judge the first flight, then pump until both ends close."""
         admission = self.admission
         current, identity = admission.admit(flow, request)  # steps 4-5
         del request
         upstream = admission.connect(current, identity, flow)  # step 6
-        flow.client_sock = client
         try:
-            send_all(client, ESTABLISHED)  # step 7
+            client.send_all(ESTABLISHED)  # step 7
             flow.established = True
             admission.track(flow)  # from here on, a reload's revocation covers it
             flight = FirstFlight(self.stream_judge(current, identity, flow))
-            settings = self.settings
-            first_flight(client, upstream, buffered, flight, flow, require_tls=identity.require_tls,
-                         hello_timeout=settings.hello_timeout, idle_timeout=settings.idle_timeout)  # steps 8-9
+            first_flight(client, upstream, buffered, flight, flow, admission.sweeper,
+                         require_tls=identity.require_tls, hello_timeout=self.settings.hello_timeout)  # steps 8-9
             # An open tunnel keeps nothing of its handshake alive (memory per idle
             # tunnel), nor the policy snapshot it was judged by.
             del current, identity, buffered, flight
+            flow.verdict = None
             self.records.admitted(flow)
             self.pump(flow)  # step 10
         finally:
@@ -136,7 +161,8 @@ class Proxy:
             flow.tls = hello is not None
             flow.sni = hello.sni if hello is not None else None
             version = hello.record_version if hello is not None else 0x0303
-            apply(flow, policy.judge(current, flow.key, flow.question(), identity), version)
+            # Check 5 on top of the verdict on checks 1-4 (each hello is judged anew).
+            apply(flow, policy.judge(current, flow.key, flow.question(), identity, prior=flow.verdict), version)
             self.admission.recheck(current, flow)
 
         return judge
@@ -146,7 +172,7 @@ class Proxy:
         metrics = self.admission.metrics
         metrics.active_tunnels.inc()
         try:
-            relay(flow.client_sock, flow.upstream, flow, self.settings.idle_timeout)
+            relay(flow.client_stream, flow.upstream, flow)
         except OSError:
             pass
         finally:
@@ -230,7 +256,8 @@ def serve(settings: Settings) -> int:
     gevent.signal_handler(signal.SIGTERM, on_stop, signal.SIGTERM)
     gevent.signal_handler(signal.SIGINT, on_stop, signal.SIGINT)
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reloader.request, "SIGHUP"))
-    background = [gevent.spawn(reloader.watch, settings.watch_interval), gevent.spawn(proxy.housekeeping)]
+    background = [gevent.spawn(reloader.watch, settings.watch_interval), gevent.spawn(proxy.housekeeping),
+                  gevent.spawn(admission.sweeper.run)]
     log.info("egress-guard listening", extra={
         "version": __version__, "proxy": f"{settings.proxy_host}:{settings.proxy_port}",
         "metrics": f"{settings.metrics_host}:{settings.metrics_port}", "policy": digest,

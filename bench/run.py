@@ -55,6 +55,7 @@ SOCKET_MODES = ["idle", "rate", "lat", "tls-rate", "bulk", "bulk-down"]
 EXTRA_MODES = ["policy-scale", "reload-stall"]
 DEFAULT_MODES = SOCKET_MODES + EXTRA_MODES
 ALL_MODES = DEFAULT_MODES + ["soak"]  # soak (10 min by default) only when asked for: --modes soak
+RELAYS = ("lean-relay", "gevent-relay")  # bench/peers/<name>.py: gevent relays without egress-guard's work
 RAW_KEY = "bench-raw-key"  # identity bench-raw: require_tls false (rate, lat, idle, bulk)
 TLS_KEY = "bench-tls-key"  # identity bench-tls: TLS required, SNI checked (tls-rate)
 DEFAULT_PROXY_CMD = "{python} {repo}/egress_guard.py"
@@ -377,7 +378,7 @@ def bench_one(a, target, port):
             if target.kind == "egress":
                 argv, env, rundir = prepare_egress(a, name, port, bench_policy_yaml(a))
             elif target.kind == "relay":
-                relay = os.path.join(HERE, "peers", "gevent_relay.py")
+                relay = os.path.join(HERE, "peers", name.replace("-", "_") + ".py")
                 argv, env, rundir = peers.prepare_command(
                     name, port, "PROXY_PORT={port} %s %s" % (shlex.quote(sys.executable), shlex.quote(relay)))
             else:
@@ -931,9 +932,10 @@ def parse_args(argv=None):
     ap.add_argument("--proxy-cmd", default=DEFAULT_PROXY_CMD,
                     help="command that runs egress-guard; {python} {repo} {port} {metrics_port} {rundir} are "
                          "substituted, leading VAR=value words become its environment (default: %(default)s)")
-    ap.add_argument("--peers", default="gevent-relay,tinyproxy",
-                    help="peers to run after egress-guard: gevent-relay (bench/peers/gevent_relay.py, the floor of a "
-                         "gevent design), tinyproxy, squid (when installed); comma list, 'none' for none "
+    ap.add_argument("--peers", default="lean-relay,gevent-relay,tinyproxy",
+                    help="peers to run after egress-guard: lean-relay (bench/peers/lean_relay.py, egress-guard's "
+                         "own design without its checks: the floor), gevent-relay (bench/peers/gevent_relay.py, a "
+                         "naive gevent relay), tinyproxy, squid (when installed); comma list, 'none' for none "
                          "(default: %(default)s)")
     ap.add_argument("--ramp", type=float, default=None, help="unmeasured ramp before each mode (default 0.5)")
     ap.add_argument("--lat-duration", type=float, default=None, help="seconds of the concurrency-1 run (default 2)")
@@ -999,8 +1001,8 @@ def parse_args(argv=None):
     soak.check_args(a, ap)
     a.peers = [p.strip() for p in a.peers.split(",") if p.strip() and p.strip() != "none"]
     for p in a.peers:
-        if p not in ("gevent-relay", "tinyproxy", "squid"):
-            ap.error("unknown peer %r (gevent-relay, tinyproxy, squid)" % p)
+        if p not in RELAYS + ("tinyproxy", "squid"):
+            ap.error("unknown peer %r (lean-relay, gevent-relay, tinyproxy, squid)" % p)
     a.echo_port, a.sink_port, a.source_port = a.base_port + 1, a.base_port + 2, a.base_port + 3
     a.upstream_pid = None
     return a
@@ -1029,7 +1031,7 @@ def main(argv=None):
                Target("egress-guard", "egress", auth=RAW_KEY, tls_auth=TLS_KEY,
                       tls_authority="%s:%d" % (a.sni, a.echo_port))]
     for p in a.peers:
-        if p == "gevent-relay":
+        if p in RELAYS:
             targets.append(Target(p, "relay"))
             continue
         exe = shutil.which(p) or ("/usr/sbin/squid" if p == "squid" else "/usr/bin/tinyproxy")

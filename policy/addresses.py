@@ -35,6 +35,7 @@ __all__ = [
 ]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPv4Address = ipaddress.IPv4Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 V = TypeVar("V")
@@ -179,6 +180,12 @@ class ForbiddenRanges:
     def find(self, ip: IPAddress) -> tuple[NetworkKey, str] | None:
         """The most specific forbidden range holding `ip` (or the IPv4 address it carries)
         and the reason, or None."""
+        # Every request asks: type checks and `_ip` (the address's integer) instead of
+        # the `version` property and `int()`, which are Python-level calls.
+        if type(ip) is IPv4Address:
+            for found in self._index.lookup(4, ip._ip):  # noqa: SLF001
+                return found
+            return None
         ip = unwrap(ip)
         for found in self._index.lookup(ip.version, int(ip)):
             return found

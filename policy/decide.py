@@ -32,7 +32,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .addresses import IPAddress, unwrap
 from .hosts import Host, HostError, parse_host
@@ -76,9 +76,10 @@ REASON_SNI_NOT_ALLOWED = "sni not allowed"  # [normalized sni]
 REASON_WOULD_DENY = "would deny"  # [the enforce-mode reason]
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """The outcome of one check: may the request proceed, and why."""
+class Decision(NamedTuple):
+    """The outcome of one check: may the request proceed, and why. (Values of this
+    module are tuples: a request makes a dozen of them, and a frozen dataclass costs a
+    call per field to build.)"""
 
     allowed: bool
     status: str
@@ -91,7 +92,21 @@ def _detail(reason: str, detail: object) -> str:
 
 
 def _allow(reason: str, rule: Rule | None = None) -> Decision:
-    return Decision(True, Status.ALLOWED, reason, rule)
+    return _new(Decision, (True, Status.ALLOWED, reason, rule))
+
+
+_new = tuple.__new__
+_ALLOWED: dict[tuple[str, Rule], Decision] = {}  # allowing decisions of rules, built once
+
+
+def _allow_by(reason: str, rule: Rule) -> Decision:
+    """The decision that `rule` allows (`reason: rule`), shared between requests."""
+    decision = _ALLOWED.get((reason, rule))
+    if decision is None:
+        decision = _allow(_detail(reason, rule.text), rule)
+        if len(_ALLOWED) < 4096:
+            _ALLOWED[(reason, rule)] = decision
+    return decision
 
 
 def _refuse(identity: Identity, status: str, reason: str, rule: Rule | None = None) -> Decision:
@@ -105,8 +120,7 @@ def _refuse(identity: Identity, status: str, reason: str, rule: Rule | None = No
 # The ordered check list.
 
 
-@dataclass(frozen=True, slots=True)
-class Question:
+class Question(NamedTuple):
     """What the proxy knows about one request when it asks the policy.
 
     `addresses` None: the name is not resolved yet (or, for `explain`, not given).
@@ -122,36 +136,37 @@ class Question:
     sni: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """The outcome of the check list: who asked, and the decisions taken in order.
+class Verdict(NamedTuple):
+    """The outcome of the check list: who asked, on which facts, and the decisions taken
+    in order.
 
     `decisions` ends at the first refusal (then `refusal` is it). `rule` is the first
     rule any check matched; `reported` the reasons report mode let through.
     """
 
     identity: Identity | None
+    question: Question | None
     decisions: tuple[Decision, ...]
+    refusal: Decision | None
+    rule: Rule | None
+    reported: tuple[str, ...]
 
-    @property
-    def refusal(self) -> Decision | None:
-        last = self.decisions[-1] if self.decisions else None
-        return last if last is not None and not last.allowed else None
+    @classmethod
+    def of(cls, identity: Identity | None, decisions: Sequence[Decision], question: Question | None = None) -> Verdict:
+        refusal = rule = None
+        reported: list[str] = []
+        for decision in decisions:
+            if rule is None:
+                rule = decision.rule
+            if not decision.allowed:
+                refusal = decision
+            elif decision.status == Status.REPORTED:
+                reported.append(decision.reason)
+        return _new(cls, (identity, question, tuple(decisions), refusal, rule, tuple(reported)))
 
     @property
     def allowed(self) -> bool:
         return self.identity is not None and self.refusal is None
-
-    @property
-    def rule(self) -> Rule | None:
-        for decision in self.decisions:
-            if decision.rule is not None:
-                return decision.rule
-        return None
-
-    @property
-    def reported(self) -> tuple[str, ...]:
-        return tuple(d.reason for d in self.decisions if d.status == Status.REPORTED)
 
     @property
     def status(self) -> str:
@@ -179,20 +194,45 @@ def authenticate(policy: Policy, key: str | None) -> Decision | Identity:
     return identity
 
 
-def judge(policy: Policy, key: str | None, question: Question, identity: Identity | None = None) -> Verdict:
-    """Walk the check list for `question`; `identity` skips check 1 when the caller
-    already authenticated `key` against this same `policy`."""
+def judge(policy: Policy, key: str | None, question: Question, identity: Identity | None = None,
+          prior: Verdict | None = None) -> Verdict:
+    """Walk the check list for `question`.
+
+    `identity` skips check 1 when the caller already authenticated `key` against this
+    same `policy`. `prior` is the verdict the same request got from this same `policy`
+    on fewer facts (the live path asks again as it learns more): its decisions stand,
+    and only the checks whose facts are new since then run.
+    """
+    if prior is not None:
+        asked = prior.question
+        if prior.refusal is not None or prior.identity is None or asked is None:
+            return prior
+        decisions = list(prior.decisions)
+        _continue(policy, prior.identity, question, decisions, asked)
+        return Verdict.of(prior.identity, decisions, question)
     if identity is None:
         found = authenticate(policy, key)
         if isinstance(found, Decision):
-            return Verdict(None, (found,))
+            return Verdict.of(None, (found,), question)
         identity = found
     decisions: list[Decision] = []
     for decision in checks(policy, identity, question):
         decisions.append(decision)
         if not decision.allowed:
             break
-    return Verdict(identity, tuple(decisions))
+    return Verdict.of(identity, decisions, question)
+
+
+def _continue(policy: Policy, identity: Identity, question: Question, decisions: list[Decision],
+              asked: Question) -> None:
+    """The checks `asked` had no facts for and `question` has: addresses, then the stream."""
+    if question.addresses is not None and asked.addresses is None:
+        decisions.append(decide_addresses(policy, identity, question.addresses, question.port))
+        if not decisions[-1].allowed:
+            return
+    if question.tls is not None and asked.tls is None:
+        decisions.append(decide_plaintext(identity) if question.tls is False
+                         else decide_sni(identity, question.host, question.port, question.sni))
 
 
 def checks(policy: Policy, identity: Identity, question: Question) -> Iterator[Decision]:
@@ -228,7 +268,7 @@ def decide_destination(identity: Identity, host: Host, port: int) -> Decision:
         return Decision(False, Status.DENIED, REASON_INVALID_PORT)
     rule = identity.match(host, port)
     if rule is not None:
-        return _allow(_detail(REASON_DESTINATION_ALLOWED, rule.text), rule)
+        return _allow_by(REASON_DESTINATION_ALLOWED, rule)
     return _refuse(identity, Status.DENIED, REASON_DESTINATION_NOT_ALLOWED)
 
 
@@ -244,18 +284,20 @@ def decide_addresses(policy: Policy, identity: Identity, addresses: Sequence[IPA
     if not addresses:
         return Decision(False, Status.DENIED, REASON_NO_ADDRESSES)
     override: Rule | None = None
+    find = policy.forbidden.find
     for address in addresses:
-        ip = unwrap(ipaddress.ip_address(address) if isinstance(address, str) else address)
-        found = policy.forbidden.find(ip)
+        ip = ipaddress.ip_address(address) if type(address) is str else address
+        found = find(ip)
         if found is None:
             continue
         forbidden_range, forbidden = found
+        ip = unwrap(ip)
         rule = identity.allows_address(ip, port, inside=forbidden_range)
         if rule is None:
             return Decision(False, Status.DENIED, _detail(REASON_FORBIDDEN_ADDRESS, f"{ip} in {forbidden}"))
         override = override or rule
     if override is not None:
-        return _allow(_detail(REASON_FORBIDDEN_ADDRESS_ALLOWED, override.text), override)
+        return _allow_by(REASON_FORBIDDEN_ADDRESS_ALLOWED, override)
     return _allow(REASON_ADDRESSES_ALLOWED)
 
 
@@ -287,4 +329,4 @@ def decide_sni(identity: Identity, target: Host, port: int, sni: str | None) -> 
     rule = identity.match(sni_host, port)
     if rule is None:
         return _refuse(identity, Status.SNI_MISMATCH, _detail(REASON_SNI_NOT_ALLOWED, sni_host.name))
-    return _allow(_detail(REASON_SNI_ALLOWED, rule.text), rule)
+    return _allow_by(REASON_SNI_ALLOWED, rule)

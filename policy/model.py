@@ -20,7 +20,16 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NamedTuple
 
-from .addresses import DEFAULT_FORBIDDEN, ForbiddenRanges, IPAddress, NetworkIndex, NetworkKey, contains, network_key
+from .addresses import (
+    DEFAULT_FORBIDDEN,
+    ForbiddenRanges,
+    IPAddress,
+    IPv4Address,
+    NetworkIndex,
+    NetworkKey,
+    contains,
+    network_key,
+)
 from .hosts import Host, unwrap
 
 __all__ = ["MODES", "Identity", "Policy", "PolicyError", "PortRange", "Rule", "key_digest", "port_range"]
@@ -233,9 +242,13 @@ class Identity:
         an identity reach an address the forbidden ranges would otherwise refuse, and a
         broad rule such as ``0.0.0.0/0`` must never do that.
         """
-        ip = unwrap(ip)
+        if type(ip) is IPv4Address:  # the usual case, without Python-level property calls
+            version, value = 4, ip._ip  # noqa: SLF001
+        else:
+            ip = unwrap(ip)
+            version, value = ip.version, int(ip)
         codes = self._ports
-        for number in self._networks.lookup(ip.version, int(ip)):
+        for number in self._networks.lookup(version, value):
             code = codes[number]
             if code == _ANY_PORT or code >> 16 <= port <= code & 0xFFFF:
                 if inside is None or RULE_KINDS[self._kinds[number]] == "ip" \

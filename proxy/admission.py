@@ -17,14 +17,14 @@ from __future__ import annotations
 import logging
 import time
 
-from gevent import socket
-
 from policy import Identity, Policy, Status, Verdict, judge, unwrap
+from proxy.deadlines import Sweeper
 from proxy.dial import Address, ResolveError, Resolver, dial, system_resolver
 from proxy.flow import Flow
 from proxy.observe import Metrics, Records
 from proxy.refusal import Refusal, from_decision, from_parse_error
 from proxy.settings import Settings
+from proxy.stream import Stream
 from wire import http, tls
 
 
@@ -39,6 +39,7 @@ class Admission:
         self.records = Records(metrics, logger)
         self.resolve = resolver or system_resolver({})
         self.open: set[Flow] = set()
+        self.sweeper = Sweeper(self.open, settings.idle_timeout)
         self.open_per_identity: dict[str, int] = {}
         self.draining = False  # shutdown began: kept-alive connections take no further requests
 
@@ -53,18 +54,19 @@ class Admission:
         if verdict.identity is not None:
             flow.identity = verdict.identity.name
         apply(flow, verdict)
+        flow.verdict = verdict
         assert verdict.identity is not None
         return current, verdict.identity
 
-    def connect(self, current: Policy, identity: Identity, flow: Flow) -> socket.socket:
+    def connect(self, current: Policy, identity: Identity, flow: Flow) -> Stream:
         """Step 6: a slot, then an upstream connection to a vetted address."""
         self.take_slot(identity, flow)
         try:
-            upstream = open_upstream(current, identity, flow, self.resolve, self.settings.connect_timeout)
+            upstream = open_upstream(current, identity, flow, self.resolve, self.settings.connect_timeout,
+                                     self.sweeper)
         except BaseException:
             self.release(flow)
             raise
-        flow.upstream = upstream
         return upstream
 
     def track(self, flow: Flow) -> None:
@@ -85,6 +87,7 @@ class Admission:
     def release(self, flow: Flow) -> None:
         """Give back what `connect` took: the slot, the upstream socket, the open entry."""
         self.open.discard(flow)
+        flow.verdict = None
         if flow.slot:
             flow.slot = False
             left = self.open_per_identity.get(flow.identity, 1) - 1
@@ -94,6 +97,7 @@ class Admission:
                 self.open_per_identity.pop(flow.identity, None)
         if flow.upstream is not None:
             flow.upstream.close()
+            flow.upstream = None
 
     def recheck(self, current: Policy, flow: Flow) -> None:
         """Apply a reload that landed while this request was being judged against
@@ -105,13 +109,13 @@ class Admission:
                 raise Refusal(Status.DENIED, f"policy reloaded while connecting: {why}", http=403,
                               alert=tls.ACCESS_DENIED if flow.tls else None)
 
-    def refuse(self, sock: socket.socket, flow: Flow, refusal: Refusal) -> None:
+    def refuse(self, client: Stream, flow: Flow, refusal: Refusal) -> None:
         """Record a refusal and tell the client (the one place that does both)."""
         self.records.decision(flow, refusal.status, refusal.reason, error=refusal.error, level=refusal.level)
         answer = refusal.answer(flow.established)
         if answer:
             try:
-                sock.sendall(answer)
+                client.send_all(answer)
             except OSError:
                 pass
 
@@ -146,7 +150,7 @@ def apply(flow: Flow, verdict: Verdict, version: int = 0x0303) -> None:
 
 
 def open_upstream(current: Policy, identity: Identity, flow: Flow, resolve: Resolver,
-                  timeout: float) -> socket.socket:
+                  timeout: float, sweeper: Sweeper) -> Stream:
     """Resolve once, judge every address, dial one of those addresses.
 
     Every address is judged before any is dialled: a name that resolves to one public
@@ -154,7 +158,7 @@ def open_upstream(current: Policy, identity: Identity, flow: Flow, resolve: Reso
     """
     host, port = flow.host, flow.port
     assert host is not None
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
     addresses: tuple[Address, ...]
     if host.ip is not None:
         addresses = (host.ip,)
@@ -165,6 +169,7 @@ def open_upstream(current: Policy, identity: Identity, flow: Flow, resolve: Reso
             raise Refusal.answer_http(502, f"could not resolve {host.name}", error=str(error)) from None
         if not addresses:
             raise Refusal.answer_http(502, f"could not resolve {host.name}", error="no addresses")
-    apply(flow, judge(current, flow.key, flow.question(addresses), identity))
-    upstream, flow.address = dial(addresses, port, deadline)
-    return upstream
+    verdict = judge(current, flow.key, flow.question(addresses), identity, prior=flow.verdict)
+    apply(flow, verdict)
+    flow.verdict = verdict
+    return dial(flow, addresses, port, sweeper, timeout - (time.monotonic() - started))

@@ -8,18 +8,26 @@ DNS rebinding exploits.
 
 from __future__ import annotations
 
+import _socket
+import errno
 import ipaddress
 import os
-import time
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import gevent
 from gevent import socket
 
 import policy
+from policy.addresses import IPAddress
+from proxy.deadlines import Deadline
 from proxy.refusal import Refusal
+from proxy.stream import Stream, hub
 
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+if TYPE_CHECKING:
+    from proxy.deadlines import Sweeper
+    from proxy.flow import Flow
+
+Address = IPAddress
 # resolve(name, timeout) -> addresses; raises ResolveError. Injected in tests.
 Resolver = Callable[[str, float], list[Address]]
 
@@ -82,27 +90,33 @@ def system_resolver(hosts: dict[str, list[Address]]) -> Resolver:
     return resolve
 
 
-def dial(addresses: Sequence[Address], port: int, deadline: float) -> tuple[socket.socket, Address]:
-    """Connect to the first vetted address that answers before `deadline`."""
+def dial(flow: Flow, addresses: Sequence[Address], port: int, sweeper: Sweeper, timeout: float) -> Stream:
+    """Connect to the first vetted address that answers within `timeout` seconds in all;
+    the Stream is also left in `flow.upstream` (where the sweeper finds its wait)."""
     failure = "no address to connect to"
-    for address in addresses:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            failure = "connect timed out"
-            break
-        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.settimeout(remaining)
-        try:
-            sock.connect((str(address), port))
-        except socket.timeout:
-            sock.close()
-            failure = "connect timed out"
-            continue
-        except OSError as error:
-            sock.close()
-            failure = os.strerror(error.errno) if error.errno else str(error)
-            continue
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock, address
+    sweeper.arm(flow, timeout)
+    try:
+        for address in addresses:
+            family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+            sock = _socket.socket(family, socket.SOCK_STREAM)  # the real one, not gevent's
+            sock.setblocking(False)
+            stream = flow.upstream = Stream(sock)
+            try:
+                error = sock.connect_ex((str(address), port))
+                if error == errno.EINPROGRESS:
+                    hub().wait(stream.writable)
+                    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            except Deadline:
+                error = errno.ETIMEDOUT
+            if not error:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                flow.address = address
+                return stream
+            flow.upstream = None
+            stream.close()
+            failure = "connect timed out" if error == errno.ETIMEDOUT else os.strerror(error)
+            if error == errno.ETIMEDOUT and not flow.deadline:
+                break  # the whole CONNECT_TIMEOUT is spent
+    finally:
+        sweeper.disarm(flow)
     raise Refusal.answer_http(502, "could not connect to the destination", error=failure)

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from policy import Host, Question, Status, Verdict
-from proxy.dial import Address
+from policy.addresses import IPAddress as Address
 
 UNAUTHENTICATED = "-"  # the identity of a request before (or without) authentication
 
@@ -29,10 +29,12 @@ class Flow:
         # the request
         "client", "method", "key", "host", "port", "http",
         # the decision so far
-        "identity", "status", "reason", "rule", "address", "tls", "sni", "established",
+        "identity", "status", "reason", "rule", "address", "tls", "sni", "established", "verdict",
         # once admitted
-        "client_sock", "upstream", "slot", "started", "up", "down", "last", "idle",
+        "client_stream", "upstream", "slot", "started", "up", "down", "last", "idle",
         "counted_up", "counted_down", "ended_by",
+        # time limits (proxy/deadlines.py)
+        "deadline", "seen", "quiet_since",
     )
 
     def __init__(self, client: str) -> None:
@@ -50,8 +52,12 @@ class Flow:
         self.tls: bool | None = None  # did the client's first bytes start TLS (None: not seen yet)
         self.sni: str | None = None
         self.established = False  # the 200 (or the request head) went out
-        self.client_sock: Any = None
-        self.upstream: Any = None
+        # The policy's verdict on the facts before the first bytes, while the request is
+        # being judged (later checks continue from it); dropped once it is let through,
+        # since it holds the Identity, and so the policy snapshot.
+        self.verdict: Verdict | None = None
+        self.client_stream: Any = None  # proxy.stream.Stream
+        self.upstream: Any = None  # proxy.stream.Stream, once dialled
         self.slot = False  # holds one of its identity's max_tunnels
         self.started = time.monotonic()
         self.up = 0  # bytes client -> destination
@@ -61,6 +67,9 @@ class Flow:
         self.counted_up = 0  # bytes already added to the metrics
         self.counted_down = 0
         self.ended_by = "closed"
+        self.deadline = 0.0  # when the current phase must end (0: none armed)
+        self.seen = 0  # bytes either way at the last idleness sweep
+        self.quiet_since = self.started  # ...and since when that count has not moved
 
     def __repr__(self) -> str:
         return f"<Flow {self.identity} -> {self.destination}>"
@@ -91,10 +100,14 @@ class Flow:
     def close(self, why: str) -> None:
         """End the flow now (revocation, shutdown): blocked reads on both sides return."""
         self.ended_by = why
-        abort(self.client_sock, self.upstream)
+        self.abort()
+
+    def abort(self) -> None:
+        abort(self.client_stream, self.upstream)
 
     def add(self, upstream: bool, count: int) -> None:
-        """Count `count` bytes relayed in one direction."""
+        """Count `count` bytes relayed in one direction, and when (the plain-HTTP path's
+        idle limits read `last`; the tunnel pump counts without the clock)."""
         self.last = time.monotonic()
         if upstream:
             self.up += count
@@ -102,11 +115,12 @@ class Flow:
             self.down += count
 
 
-def abort(*socks: Any) -> None:
-    """Stop both directions now: a blocked read on any of `socks` returns at once."""
-    for sock in socks:
-        if sock is not None:
+def abort(*streams: Any) -> None:
+    """Stop both directions now: a blocked read on any of `streams` (Streams or sockets)
+    returns at once."""
+    for stream in streams:
+        if stream is not None:
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                stream.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass

@@ -30,10 +30,10 @@ import time
 
 import gevent
 from gevent import socket
+from gevent.socket import wait_read
 
 from proxy.admission import Admission
 from proxy.flow import Flow, abort
-from proxy.pump import wait_readable
 from proxy.refusal import from_parse_error, response
 from wire import http
 from wire.message import (
@@ -224,9 +224,8 @@ def forward(admission: Admission, client: socket.socket, request: http.Request, 
         framing = request_framing(request)
     except FramingError as error:
         raise from_parse_error(error) from None
-    upstream = admission.connect(current, identity, flow)
+    upstream = admission.connect(current, identity, flow).to_gevent()
     del current, identity  # an exchange keeps no policy snapshot alive
-    flow.client_sock = client
     admission.track(flow)
     admission.records.admitted(flow)
     try:
@@ -251,12 +250,17 @@ def next_request_started(admission: Admission, client: socket.socket) -> bool:
         if remaining <= 0:
             return False
         try:
-            ready = wait_readable([client], min(remaining, 0.5))
+            wait_read(client.fileno(), timeout=min(remaining, 0.5), timeout_exc=_Quiet)
+        except _Quiet:
+            continue
         except OSError:
             return False
-        if ready is not None:
-            return True  # bytes, or an orderly close the handler will see as such
+        return True  # bytes, or an orderly close the handler will see as such
     return False
+
+
+class _Quiet(Exception):
+    """No byte from a kept-alive client in this slice of the wait."""
 
 
 class Exchange:

@@ -6,64 +6,62 @@ handshake has left cleartext (or the client's first bytes were not TLS). Both
 directions are served by this one greenlet, so every refusal surfaces here, as a
 `Refusal`, before the pump's second greenlet exists.
 
-Time limits: a client that must speak TLS (`require_tls`) has `HELLO_TIMEOUT` for its
-first ClientHello; one that may speak plaintext waits, with the server's bytes flowing,
-until it speaks (server-first protocols), and then has `HELLO_TIMEOUT` to finish a hello
-it began. The rest of the first flight may idle for `IDLE_TIMEOUT`, like a tunnel.
+Time limits (kept by the Sweeper, proxy/deadlines.py): a client that must speak TLS
+(`require_tls`) has `HELLO_TIMEOUT` for its first ClientHello; one that may speak
+plaintext waits, with the server's bytes flowing, until it speaks (server-first
+protocols), and then has `HELLO_TIMEOUT` to finish a hello it began. The rest of the
+first flight may idle for `IDLE_TIMEOUT`, like a tunnel.
 """
 
 from __future__ import annotations
 
 import logging
 import socket as _socket
-import time
-
-from gevent import socket
 
 from policy import Status
+from proxy.deadlines import Deadline, Sweeper
 from proxy.flow import Flow
-from proxy.pump import send_all, wait_readable
 from proxy.refusal import Refusal
+from proxy.stream import Stream, wait_readable
 from wire.handshake import HELLO, FirstFlight, FlightError
 
 CHUNK = 65536
 
 
-def first_flight(client: socket.socket, upstream: socket.socket, buffered: bytes, flight: FirstFlight,
-                 flow: Flow, *, require_tls: bool, hello_timeout: float, idle_timeout: float) -> None:
+def first_flight(client: Stream, upstream: Stream, buffered: bytes, flight: FirstFlight, flow: Flow,
+                 sweeper: Sweeper, *, require_tls: bool, hello_timeout: float) -> None:
     """Read, judge and forward the first flight; returns when the pump may take over."""
+    armed = False
     try:
+        if require_tls:
+            # A client that must speak TLS has HELLO_TIMEOUT for its hello, and the
+            # server's bytes wait until it was judged.
+            sweeper.arm(flow, hello_timeout)
+            armed = True
         if buffered:
             _forward(upstream, flight.client(buffered), flow, True)
         server_open = True
-        # A client that must speak TLS has HELLO_TIMEOUT for its hello, and the server's
-        # bytes wait until it was judged; one that may speak plaintext is waited for.
-        hello_deadline = time.monotonic() + hello_timeout if require_tls else None
         while not flight.done:
             hello_pending = flight.hello is None and not flight.client_done
-            watch = [client]
-            if server_open and not (require_tls and hello_pending):
-                watch.append(upstream)
-            timeout = idle_timeout or 1e9
-            if hello_pending and hello_deadline is not None:
-                timeout = hello_deadline - time.monotonic()
-                if timeout <= 0:
-                    raise _hello_timeout(hello_timeout)
-            ready = wait_readable(watch, timeout)
-            if ready is None:
-                if hello_pending and hello_deadline is not None:
-                    raise _hello_timeout(hello_timeout)
-                flow.idle = True  # the handshake stalled as long as an idle tunnel may
-                return
+            if armed and not hello_pending:
+                sweeper.disarm(flow)
+                armed = False
+            try:
+                ready = wait_readable(client, upstream if server_open and not (require_tls and hello_pending)
+                                      else None)
+            except Deadline:
+                raise Refusal(Status.TIMEOUT, f"no TLS ClientHello within {hello_timeout:g} s") from None
             data = _recv(ready)
-            if flow.ended_by != "closed":
+            if data is None:
+                continue
+            if flow.ended_by != "closed" or flow.idle:
                 _ended(flow)
                 return
             if ready is upstream:
                 if not data:
                     # The server is done sending; the client's side is still judged.
                     server_open = False
-                    _shutdown_write(client)
+                    client.shutdown(_socket.SHUT_WR)
                     continue
                 _forward(client, flight.server(data), flow, False)
                 _forward(upstream, flight.release(), flow, True)  # the inspection may have ended here
@@ -71,31 +69,34 @@ def first_flight(client: socket.socket, upstream: socket.socket, buffered: bytes
             if not data:
                 _client_closed(flight)
                 return
-            if hello_deadline is None and not flight.started and data[:1] == b"\x16":
-                hello_deadline = time.monotonic() + hello_timeout  # a hello began: finish it
+            if not armed and not flight.started and data[:1] == b"\x16":
+                sweeper.arm(flow, hello_timeout)  # a hello began: it must be finished in time
+                armed = True
             _forward(upstream, flight.client(data), flow, True)
     except FlightError as error:
         raise _refusal(error, flight) from None
+    finally:
+        if armed:
+            sweeper.disarm(flow)
 
 
-def _forward(sink: socket.socket, data: bytes, flow: Flow, upstream: bool) -> None:
+def _forward(sink: Stream, data: bytes, flow: Flow, upstream: bool) -> None:
     if data:
-        send_all(sink, data)
-        flow.add(upstream, len(data))
+        sink.send_all(data)
+        if upstream:
+            flow.up += len(data)
+        else:
+            flow.down += len(data)
 
 
-def _recv(sock: socket.socket) -> bytes:
+def _recv(stream: Stream) -> bytes | None:
+    """What `stream` has; b"" at its end (a reset counts as one); None if nothing yet."""
     try:
-        return sock.recv(CHUNK)
+        return stream.sock.recv(CHUNK)
+    except BlockingIOError:
+        return None
     except OSError:
-        return b""  # a reset ends that side like a close
-
-
-def _shutdown_write(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(_socket.SHUT_WR)
-    except OSError:
-        pass
+        return b""
 
 
 def _ended(flow: Flow) -> None:
@@ -110,10 +111,6 @@ def _client_closed(flight: FirstFlight) -> None:
     if flight.state == HELLO or flight.holding and flight.hello is None:
         raise _refusal(FlightError("invalid TLS ClientHello: client closed mid-ClientHello",
                                    alert=None, denied=False), flight)
-
-
-def _hello_timeout(timeout: float) -> Refusal:
-    return Refusal(Status.TIMEOUT, f"no TLS ClientHello within {timeout:g} s")
 
 
 def _refusal(error: FlightError, flight: FirstFlight) -> Refusal:

@@ -9,12 +9,16 @@ identity "-" and no destination, and each identity may mint at most
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
 from datetime import datetime, timezone
 from typing import Any
 
+import prometheus_client.metrics
+import prometheus_client.values
+from gevent import monkey
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -29,6 +33,11 @@ DESTINATION_LABEL_LIMIT = 100
 
 # `*_created` samples double the series count and no dashboard or alert uses them.
 disable_created_metrics()
+# Metric values are updated on every request, each under its own lock. Under gevent's
+# monkey-patching that lock is a gevent lock (a Python-level wrapper); only the main
+# thread's greenlets ever touch a metric and none switches while holding the lock, so
+# the operating system's lock (uncontended: tens of ns) is the right one.
+prometheus_client.values.Lock = prometheus_client.metrics.Lock = monkey.get_original("threading", "Lock")
 
 
 class Metrics:
@@ -155,6 +164,9 @@ class BufferedStreamHandler(logging.StreamHandler):
 
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
+        # As for the metric locks above: the operating system's lock, not gevent's
+        # Python-level one; every write comes from the main thread's greenlets.
+        self.lock = monkey.get_original("threading", "RLock")()
         self._pending = False
         self._loop: Any = None
 
@@ -202,22 +214,61 @@ class Events:
     def enabled(self, level: int) -> bool:
         return self.logger.isEnabledFor(level)
 
+    def direct(self) -> tuple[BufferedStreamHandler, _Formatter] | None:
+        """The handler and formatter lines may be written to directly, if they are ours."""
+        handlers = self.logger.handlers
+        handler = handlers[0] if len(handlers) == 1 else None
+        formatter = getattr(handler, "formatter", None)
+        if isinstance(handler, BufferedStreamHandler) and isinstance(formatter, _Formatter):
+            return handler, formatter
+        return None
+
     def write(self, level: int, message: str, fields: dict[str, Any]) -> None:
         logger = self.logger
         if not logger.isEnabledFor(level):
             return
-        handler = logger.handlers[0] if len(logger.handlers) == 1 else None
-        formatter = getattr(handler, "formatter", None)
-        if not isinstance(handler, BufferedStreamHandler) or not isinstance(formatter, _Formatter):
+        direct = self.direct()
+        if direct is None:
             logger.log(level, message, extra=fields)
             return
-        entry = {"timestamp": formatter.rfc3339(time.time()), "level": logging.getLevelName(level),
-                 "message": message}
-        entry.update(fields)
+        handler, formatter = direct
         try:
-            handler.write_line(formatter.serialize_log_record(entry))
+            handler.write_line(event_line(formatter.rfc3339(time.time()), logging.getLevelName(level),
+                                          message, fields))
         except Exception:  # noqa: BLE001 - logging must never take the proxy down
             logger.log(level, message, extra=fields)
+
+
+_quote = json.encoder.encode_basestring_ascii  # C: a JSON string literal, non-ASCII escaped
+_QUOTED: dict[str, str] = {}
+
+
+def event_line(timestamp: str, level: str, message: str, fields: dict[str, Any]) -> str:
+    """The JSON object python-json-logger's serializer writes for these fields (its default
+    separators, `ensure_ascii`), built directly: the serializer makes a JSONEncoder and a C
+    encoder for every line, which costs more than the line. Values are str, int, float,
+    bool or None; anything else takes `json.dumps`."""
+    parts = ['{"timestamp": "', timestamp, '", "level": "', level, '", "message": ', _quote(message)]
+    for key, value in fields.items():
+        quoted = _QUOTED.get(key)
+        if quoted is None:
+            quoted = _QUOTED[key] = ", " + _quote(key) + ": "
+        parts.append(quoted)
+        if isinstance(value, str):
+            parts.append(_quote(value))
+        elif value is True or value is False:
+            parts.append("true" if value else "false")
+        elif type(value) is int:
+            parts.append(int.__repr__(value))
+        elif type(value) is float and value == value and value not in (_INF, -_INF):
+            parts.append(float.__repr__(value))
+        else:
+            parts.append(json.dumps(value, ensure_ascii=True, default=str))
+    parts.append("}")
+    return "".join(parts)
+
+
+_INF = float("inf")
 
 
 class Records:
@@ -238,24 +289,43 @@ class Records:
         host = flow.host.name if flow.host is not None else ""
         self.metrics.count_request(flow.identity, host, status)
         events = self.events
-        if events.enabled(level):
-            fields = {
-                "client": flow.client,
-                "method": flow.method,
-                "identity": flow.identity,
-                "destination": flow.destination,
-                "action": status,
-                "reason": reason,
-            }
+        if not events.enabled(level):
+            return
+        direct = events.direct() if error is None else None
+        if direct is not None:
+            # The line of every request, built in one go: the same JSON as event_line()
+            # writes for the fields below (tests/test_observe.py holds them to it).
+            handler, formatter = direct
+            q = _quote
+            line = (f'{{"timestamp": "{formatter.rfc3339(time.time())}", "level": "{logging.getLevelName(level)}", '
+                    f'"message": "request", "client": {q(flow.client)}, "method": {q(flow.method)}, '
+                    f'"identity": {q(flow.identity)}, "destination": {q(flow.destination)}, '
+                    f'"action": {q(status)}, "reason": {q(reason)}')
             if flow.address is not None:
-                fields["address"] = str(flow.address)
+                line += f', "address": {q(str(flow.address))}'
             if flow.sni is not None:
-                fields["sni"] = flow.sni
+                line += f', "sni": {q(flow.sni)}'
             if flow.rule is not None:
-                fields["rule"] = flow.rule
-            if error is not None:
-                fields["error"] = error
-            events.write(level, "request", fields)
+                line += f', "rule": {q(flow.rule)}'
+            handler.write_line(line + "}")
+            return
+        fields = {
+            "client": flow.client,
+            "method": flow.method,
+            "identity": flow.identity,
+            "destination": flow.destination,
+            "action": status,
+            "reason": reason,
+        }
+        if flow.address is not None:
+            fields["address"] = str(flow.address)
+        if flow.sni is not None:
+            fields["sni"] = flow.sni
+        if flow.rule is not None:
+            fields["rule"] = flow.rule
+        if error is not None:
+            fields["error"] = error
+        events.write(level, "request", fields)
 
     def admitted(self, flow: Flow) -> None:
         """The decision line of a request the policy let through (allowed or reported)."""
@@ -272,15 +342,27 @@ class Records:
         self.metrics.tunnel_duration.observe(duration)
         self.flush_bytes(flow)
         ended_by = "idle timeout" if flow.idle and flow.ended_by == "closed" else flow.ended_by
-        if self.events.enabled(logging.INFO):
-            self.events.write(logging.INFO, "tunnel closed", {
-                "identity": flow.identity,
-                "destination": flow.destination,
-                "bytes_up": flow.up,
-                "bytes_down": flow.down,
-                "duration_ms": round(duration * 1000, 1),
-                "ended_by": ended_by,
-            })
+        events = self.events
+        if not events.enabled(logging.INFO):
+            return
+        direct = events.direct()
+        if direct is not None:  # as in decision(): the event_line() of the fields below
+            handler, formatter = direct
+            q = _quote
+            handler.write_line(
+                f'{{"timestamp": "{formatter.rfc3339(time.time())}", "level": "INFO", "message": "tunnel closed", '
+                f'"identity": {q(flow.identity)}, "destination": {q(flow.destination)}, "bytes_up": {flow.up}, '
+                f'"bytes_down": {flow.down}, "duration_ms": {float.__repr__(round(duration * 1000, 1))}, '
+                f'"ended_by": {q(ended_by)}}}')
+            return
+        events.write(logging.INFO, "tunnel closed", {
+            "identity": flow.identity,
+            "destination": flow.destination,
+            "bytes_up": flow.up,
+            "bytes_down": flow.down,
+            "duration_ms": round(duration * 1000, 1),
+            "ended_by": ended_by,
+        })
 
     def forwarded(self, flow: Flow, status_code: int, keep_alive: bool, error: str | None) -> None:
         self.flush_bytes(flow)

@@ -4,8 +4,11 @@ Shape from gevent's portforwarder example: one greenlet per direction, joined by
 handler (returning would close the sockets). An end-of-stream in one direction is
 passed on as a half-close (`shutdown(SHUT_WR)`) so protocols that signal "done
 sending" by closing their write side keep working; the tunnel ends when both
-directions have ended, on an error in either, or after `idle_timeout` seconds with
-no bytes in either direction.
+directions have ended, or on an error in either. Idleness is the Sweeper's to find
+(proxy/deadlines.py): it shuts both sockets down, and both directions see the end.
+
+Lean: both directions work on `Stream`s (the real sockets, non-blocking, with their
+watchers made once), try every operation before waiting, and arm no timer.
 
 Memory: no per-tunnel buffers. `recv()` returns a right-sized bytes object that lives
 only until it is sent, so an idle tunnel holds no payload memory.
@@ -23,13 +26,12 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import time
-from typing import Any
 
 import gevent
 from gevent.hub import Waiter
 
 from proxy.flow import Flow, abort
+from proxy.stream import Stream, hub
 
 CHUNK = 65536
 SPLICE_CHUNK = 1 << 20
@@ -96,30 +98,18 @@ class Pipes:
 PIPES = Pipes()
 
 
-def send_all(sock: socket.socket, data: bytes) -> None:
-    """sendall() without its per-call SO_SNDBUF lookup in the common case where one
-    send() takes everything."""
-    sent = sock.send(data)
-    if sent < len(data):
-        sock.sendall(memoryview(data)[sent:])
-
-
-def relay(client: socket.socket, upstream: socket.socket, flow: Flow, idle_timeout: float) -> None:
+def relay(client: Stream, upstream: Stream, flow: Flow) -> None:
     """Pump until both directions end; counts go into `flow`.
 
     This greenlet copies client -> upstream; a second, raw greenlet (no Greenlet
     bookkeeping: links, exception records) copies upstream -> client and reports back
     through a Waiter when it ends.
     """
-    timeout = idle_timeout or None
-    client.settimeout(timeout)
-    upstream.settimeout(timeout)
-    hub = gevent.get_hub()
-    done = Waiter(hub)
-    gevent.spawn_raw(_copy_then_report, upstream, client, flow, idle_timeout, hub, done)
+    done = Waiter(hub())
+    gevent.spawn_raw(_copy_then_report, upstream, client, flow, done)
     finished = False
     try:
-        _copy(client, upstream, flow, True, idle_timeout)
+        _copy(client, upstream, flow, True)
         done.get()
         finished = True
     finally:
@@ -127,106 +117,64 @@ def relay(client: socket.socket, upstream: socket.socket, flow: Flow, idle_timeo
             abort(client, upstream)  # the other direction sees EOF and ends on its own
 
 
-def _copy_then_report(source: socket.socket, sink: socket.socket, flow: Flow, idle_timeout: float,
-                      hub: Any, done: Waiter) -> None:
+def _copy_then_report(source: Stream, sink: Stream, flow: Flow, done: Waiter) -> None:
     try:
-        _copy(source, sink, flow, False, idle_timeout)
+        _copy(source, sink, flow, False)
     finally:
         # A Waiter is switched from the hub only.
-        hub.loop.run_callback(done.switch, None)
+        hub().loop.run_callback(done.switch, None)
 
 
-def wait_readable(socks: list[socket.socket], timeout: float) -> socket.socket | None:
-    """The first of `socks` with something to read (data or EOF) within `timeout`
-    seconds, or None.
-
-    One io watcher per socket and a timer, all feeding one Waiter: gevent's poll()
-    and select() emulations cost about a millisecond per call, and select() cannot
-    watch descriptors above 1023.
-    """
-    hub = gevent.get_hub()
-    waiter = Waiter(hub)
-    watchers = []
+def _copy(source: Stream, sink: Stream, flow: Flow, upstream: bool) -> None:
     try:
-        for sock in socks:
-            watcher = hub.loop.io(sock.fileno(), 1)
-            watcher.start(waiter.switch, sock)
-            watchers.append(watcher)
-        timer = hub.loop.timer(timeout)
-        timer.start(waiter.switch, None)
-        watchers.append(timer)
-        return waiter.get()
-    finally:
-        for watcher in watchers:
-            watcher.stop()
-            watcher.close()
-
-
-class _Idle(Exception):
-    pass
-
-
-def _copy(source: socket.socket, sink: socket.socket, flow: Flow, is_upstream: bool,
-          idle_timeout: float) -> None:
-    try:
-        if _recv_send(source, sink, flow, is_upstream, idle_timeout):
-            _splice(source, sink, flow, is_upstream, idle_timeout)
-    except _Idle:
-        flow.idle = True
-        abort(source, sink)
-        return
+        if _recv_send(source, sink, flow, upstream):
+            _splice(source, sink, flow, upstream)
     except OSError:
         # A reset or a closed peer ends the whole tunnel, both ways.
         abort(source, sink)
         return
     try:
-        sink.shutdown(socket.SHUT_WR)
+        sink.sock.shutdown(socket.SHUT_WR)
     except OSError:
         abort(source, sink)
 
 
-def _quiet(flow: Flow, idle_timeout: float) -> bool:
-    """Only idle if the *other* direction was quiet too."""
-    return time.monotonic() - flow.last >= idle_timeout
-
-
-def _recv_send(source: socket.socket, sink: socket.socket, flow: Flow, is_upstream: bool,
-               idle_timeout: float, upgrade: bool = True) -> bool:
-    """Copy with recv/sendall; True when the stream looks bulk and splice can take over."""
-    recv, send = source.recv, sink.send
+def _recv_send(source: Stream, sink: Stream, flow: Flow, upstream: bool, upgrade: bool = True) -> bool:
+    """Copy with recv/send; True when the stream looks bulk and splice can take over."""
+    recv, send, readable, wait = source.sock.recv, sink.sock.send, source.readable, hub().wait
     bulk_ok = upgrade and PIPES.enabled
     while True:
         try:
             data = recv(CHUNK)
-        except socket.timeout:
-            if _quiet(flow, idle_timeout):
-                raise _Idle from None
+        except BlockingIOError:
+            wait(readable)
             continue
-        if not data:
+        size = len(data)
+        if not size:
             return False
-        sent = send(data)
-        if sent < len(data):
-            sink.sendall(memoryview(data)[sent:])
-        flow.add(is_upstream, len(data))
-        if bulk_ok and len(data) == CHUNK:
+        try:
+            sent = send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent < size:
+            sink.send_all(memoryview(data)[sent:])
+        if upstream:
+            flow.up += size
+        else:
+            flow.down += size
+        if bulk_ok and size == CHUNK:
             return True
 
 
-def _splice(source: socket.socket, sink: socket.socket, flow: Flow, is_upstream: bool,
-            idle_timeout: float) -> None:
+def _splice(source: Stream, sink: Stream, flow: Flow, upstream: bool) -> None:
     pipe = PIPES.take()
     if pipe is None:
-        _recv_send(source, sink, flow, is_upstream, idle_timeout, upgrade=False)
+        _recv_send(source, sink, flow, upstream, upgrade=False)
         return
     r, w = pipe
-    src, dst = source.fileno(), sink.fileno()
+    src, dst = source.sock.fileno(), sink.sock.fileno()
     flags = os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE
-    # One read watcher, one write watcher and one reusable timer for the whole stream:
-    # a bulk stream waits thousands of times a second, and a fresh watcher and timer per
-    # wait (what wait_read() does) costs a measurable share of the core.
-    hub = gevent.get_hub()
-    readable, writable = hub.loop.io(src, 1), hub.loop.io(dst, 2)
-    timer = gevent.Timeout(idle_timeout, _Tick) if idle_timeout else None
+    wait, readable, writable = hub().wait, source.readable, sink.writable
     pending = 0
     spliced = False
     try:
@@ -234,7 +182,7 @@ def _splice(source: socket.socket, sink: socket.socket, flow: Flow, is_upstream:
             try:
                 moved = os.splice(src, w, SPLICE_CHUNK, flags=flags)
             except BlockingIOError:
-                _wait(hub, readable, timer, flow, idle_timeout)
+                wait(readable)
                 continue
             if moved == 0:
                 return
@@ -243,34 +191,16 @@ def _splice(source: socket.socket, sink: socket.socket, flow: Flow, is_upstream:
                 try:
                     pending -= os.splice(r, dst, pending, flags=flags)
                 except BlockingIOError:
-                    _wait(hub, writable, timer, flow, idle_timeout)
-            flow.add(is_upstream, moved)
+                    wait(writable)
+            if upstream:
+                flow.up += moved
+            else:
+                flow.down += moved
             spliced = True
     except OSError as error:
         if error.errno != errno.EINVAL or spliced or pending:
             raise
         # This pair of sockets cannot splice (seen on some sandboxed kernels): copy instead.
-        _recv_send(source, sink, flow, is_upstream, idle_timeout, upgrade=False)
+        _recv_send(source, sink, flow, upstream, upgrade=False)
     finally:
-        readable.close()
-        writable.close()
-        if timer is not None:
-            timer.close()
         PIPES.give(pipe, empty=pending == 0)
-
-
-class _Tick(Exception):
-    """The idle timer fired during a wait; idle only if the other direction was quiet."""
-
-
-def _wait(hub: Any, watcher: Any, timer: gevent.Timeout | None, flow: Flow, idle_timeout: float) -> None:
-    if timer is not None:
-        timer.start()
-    try:
-        hub.wait(watcher)
-    except _Tick:
-        if _quiet(flow, idle_timeout):
-            raise _Idle from None
-    finally:
-        if timer is not None:
-            timer.cancel()

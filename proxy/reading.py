@@ -1,17 +1,16 @@
 """Reading a request head (steps 2-3 of docs/ARCHITECTURE.md), bounded in size and time.
 (The ClientHello, step 8, is read by proxy/handshake.py.)
 
-Deadlines are applied as socket timeouts per read, so the common case (everything in
-the first segment) never arms a timer.
+The deadline is the Sweeper's (proxy/deadlines.py), armed only if the head is not
+already there: no timer per read.
 """
 
 from __future__ import annotations
 
-import time
-
-from gevent import socket
-
+from proxy.deadlines import Deadline, Sweeper
+from proxy.flow import Flow
 from proxy.refusal import Refusal, from_parse_error
+from proxy.stream import Stream, hub
 from wire import http
 
 
@@ -23,44 +22,55 @@ class Closed(Exception):
         self.partial = partial
 
 
-def read_request(sock: socket.socket, buffered: bytes, timeout: float) -> tuple[http.Request, bytes]:
+def read_request(client: Stream, buffered: bytes, flow: Flow, sweeper: Sweeper,
+                 timeout: float) -> tuple[http.Request, bytes]:
     """Steps 2-3: the parsed request head and the bytes after it."""
-    head, rest = read_head(sock, buffered, timeout)
+    head, rest = read_head(client, buffered, flow, sweeper, timeout)
     try:
         return http.parse_head(head), rest
     except http.HeadError as error:
         raise from_parse_error(error) from None
 
 
-def read_head(sock: socket.socket, buffered: bytes, timeout: float) -> tuple[bytes, bytes]:
-    """(head, bytes after it): at most 16 KiB within `timeout` seconds (else 431/408)."""
+def read_head(client: Stream, buffered: bytes, flow: Flow, sweeper: Sweeper, timeout: float) -> tuple[bytes, bytes]:
+    """(head, bytes after it): at most 16 KiB in at most MAX_HEAD_PIECES reads, within
+    `timeout` seconds of the first wait (else 431/400/408). The common case, the whole head
+    already there, neither waits nor arms a deadline."""
     buf = buffered
-    deadline = time.monotonic() + timeout
     scanned = pieces = 0
-    while True:
-        try:
-            end = http.find_head_end(buf, scanned)
-        except http.HeadError as error:
-            raise from_parse_error(error) from None
-        scanned = len(buf)
-        if end > 0:
-            if end > http.MAX_HEAD_BYTES:
+    armed = False
+    recv = client.sock.recv
+    try:
+        while True:
+            try:
+                end = http.find_head_end(buf, scanned)
+            except http.HeadError as error:
+                raise from_parse_error(error) from None
+            scanned = len(buf)
+            if end > 0:
+                if end > http.MAX_HEAD_BYTES:
+                    break
+                return buf[:end], buf[end:]
+            if len(buf) > http.MAX_HEAD_BYTES:
                 break
-            return buf[:end], buf[end:]
-        if len(buf) > http.MAX_HEAD_BYTES:
-            break
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise Refusal.answer_http(408, f"no complete request head within {timeout:g} s")
-        sock.settimeout(remaining)
-        try:
-            data = sock.recv(http.MAX_HEAD_BYTES + 5 - len(buf))
-        except socket.timeout:
-            raise Refusal.answer_http(408, f"no complete request head within {timeout:g} s") from None
-        if not data:
-            raise Closed(partial=bool(buf))
-        pieces += 1
-        if pieces > http.MAX_HEAD_PIECES:
-            raise Refusal.answer_http(400, f"request head sent in more than {http.MAX_HEAD_PIECES} pieces")
-        buf += data
+            try:
+                data = recv(http.MAX_HEAD_BYTES + 5 - len(buf))
+            except BlockingIOError:
+                if not armed:
+                    sweeper.arm(flow, timeout)
+                    armed = True
+                try:
+                    hub().wait(client.readable)
+                except Deadline:
+                    raise Refusal.answer_http(408, f"no complete request head within {timeout:g} s") from None
+                continue
+            if not data:
+                raise Closed(partial=bool(buf))
+            pieces += 1
+            if pieces > http.MAX_HEAD_PIECES:
+                raise Refusal.answer_http(400, f"request head sent in more than {http.MAX_HEAD_PIECES} pieces")
+            buf += data
+    finally:
+        if armed:
+            sweeper.disarm(flow)
     raise Refusal.answer_http(431, f"request head larger than {http.MAX_HEAD_BYTES} bytes")

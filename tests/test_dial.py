@@ -14,6 +14,7 @@ from gevent import socket
 
 import policy
 from proxy.admission import open_upstream
+from proxy.deadlines import Sweeper
 from proxy.dial import ResolveError, load_hosts_file
 from proxy.flow import Flow
 from proxy.refusal import Refusal
@@ -60,7 +61,7 @@ def dial(resolver, key: str, host: str, port: int, timeout: float = 10.0):
     """(upstream socket, address dialled), as the proxy opens a tunnel for `key`."""
     flow = Flow("test")
     flow.key, flow.host, flow.port = key, policy.parse_host(host), port
-    upstream = open_upstream(CURRENT, CURRENT.authenticate(key), flow, resolver, timeout)
+    upstream = open_upstream(CURRENT, CURRENT.authenticate(key), flow, resolver, timeout, Sweeper(set(), 0))
     return upstream, flow.address
 
 
@@ -84,7 +85,7 @@ def test_explicit_cidr_lets_the_vetted_address_be_dialled_once(listener) -> None
     resolver = Resolver({"svc.example.com": ["127.0.0.1"]})
     upstream, address = dial(resolver, "k2", "svc.example.com", port)
     try:
-        assert str(address) == "127.0.0.1" and upstream.getpeername() == ("127.0.0.1", port)
+        assert str(address) == "127.0.0.1" and upstream.sock.getpeername() == ("127.0.0.1", port)
         assert resolver.calls == ["svc.example.com"]  # resolved once, never again at connect
     finally:
         upstream.close()

@@ -388,3 +388,14 @@ def pad_hello(hello: bytes, size: int) -> bytes:
     body += ext
     message = b"\x01" + len(body).to_bytes(3, "big") + bytes(body)
     return b"\x16\x03\x01" + len(message).to_bytes(2, "big") + message
+
+
+def test_an_invalid_hello_in_one_whole_record_is_a_decode_error() -> None:
+    """The one-record fast path hands an invalid hello to the same refusal."""
+    hello = bytearray(HELLOS["tls1.3"])
+    hello[9] = 0x02  # legacy_version 0x0203: not TLS
+    flight = FirstFlight(lambda hello: None)
+    with pytest.raises(FlightError) as caught:
+        flight.client(bytes(hello))
+    assert not caught.value.denied and caught.value.alert == DECODE_ERROR
+    assert "unsupported client version" in caught.value.reason

@@ -73,3 +73,54 @@ def test_exceptions_keep_their_traceback() -> None:
         logger.exception("failed", extra={"identity": "web"})
     line = json.loads(stream.getvalue())
     assert line["level"] == "ERROR" and "RuntimeError: boom" in line["exc_info"] and line["identity"] == "web"
+
+
+EVENT_FIELDS = [
+    {"client": "127.0.0.1:5", "identity": "web", "action": "allowed", "bytes_up": 12, "duration_ms": 1.5,
+     "keep_alive": True},
+    {"destination": "bücher.example:443", "reason": 'quote " backslash \\ tab \t nul \x00', "ended_by": None},
+    {"status_code": 0, "ratio": 0.1 + 0.2, "flag": False, "big": 10**20, "list": [1, "a"]},
+]
+
+
+def test_event_lines_are_what_python_json_logger_writes() -> None:
+    """The hot-path line builder and python-json-logger's serializer agree byte for byte."""
+    from proxy.observe import _Formatter, event_line
+    from policy import Status
+
+    formatter = _Formatter("{asctime}{levelname}{message}", style="{",
+                           rename_fields={"asctime": "timestamp", "levelname": "level"})
+    for fields in [*EVENT_FIELDS, {"action": Status.SNI_MISMATCH}]:
+        entry = {"timestamp": "2026-12-02T00:00:00.000+00:00", "level": "INFO", "message": "request ü"}
+        entry.update(fields)
+        assert event_line(entry["timestamp"], "INFO", "request ü", fields) == formatter.serialize_log_record(entry)
+
+
+def test_the_two_hot_lines_are_the_generic_lines() -> None:
+    """Records writes its per-request and per-tunnel lines directly; they must be exactly
+    what the generic path (event_line, itself held to python-json-logger) writes."""
+    import ipaddress
+
+    from policy import parse_host
+    from proxy.flow import Flow
+    from proxy.observe import Records
+
+    def lines(direct: bool) -> list[dict]:
+        stream = io.StringIO()
+        logger = configure_logging(logging.INFO, stream, buffered=direct)
+        records = Records(Metrics(CollectorRegistry()), logger)
+        flow = Flow("10.1.2.3:5555")
+        flow.method, flow.host, flow.port, flow.identity = "CONNECT", parse_host("bücher.example"), 443, "web \"x\""
+        flow.address, flow.sni, flow.rule, flow.up, flow.down = ipaddress.ip_address("::1"), "a.b", "*.ü", 5, 7
+        records.decision(flow, "sni_mismatch", 'reason with "quotes" and ü')
+        records.tunnel_closed(flow)
+        flow.idle = True
+        records.tunnel_closed(flow)
+        records.log.handlers[0].flush()
+        out = [json.loads(line) for line in stream.getvalue().splitlines()]
+        for line in out:
+            line.pop("timestamp")
+            line.pop("duration_ms", None)
+        return out
+
+    assert lines(direct=True) == lines(direct=False)

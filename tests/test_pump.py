@@ -1,4 +1,7 @@
-"""The byte pump over real loopback TCP sockets: bulk data, half-close, idle, fallback."""
+"""The byte pump over real loopback TCP sockets: bulk data, half-close, idle, fallback.
+
+Idleness is found by the Sweeper (proxy/deadlines.py), run here as the server runs it.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,9 @@ import pytest
 from gevent import socket
 
 from proxy import pump
+from proxy.deadlines import Sweeper
 from proxy.flow import Flow
+from proxy.stream import Stream
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -34,11 +39,15 @@ def mode(request: pytest.FixtureRequest):
 
 
 def start_tunnel(idle: float = 5.0):
-    """client <-> [c_side | pump | u_side] <-> upstream."""
+    """client <-> [c_side | pump | u_side] <-> upstream, with a Sweeper minding `idle`."""
     client, c_side = tcp_pair()
     u_side, upstream = tcp_pair()
     traffic = Flow("test")
-    worker = gevent.spawn(pump.relay, c_side, u_side, traffic, idle)
+    traffic.client_stream, traffic.upstream = Stream.of(c_side), Stream.of(u_side)
+    sweeper = Sweeper({traffic}, idle, tick=0.05)
+    minder = gevent.spawn(sweeper.run)
+    worker = gevent.spawn(pump.relay, traffic.client_stream, traffic.upstream, traffic)
+    worker.link(lambda _: minder.kill(block=False))
     return client, upstream, traffic, worker, (c_side, u_side)
 
 

@@ -47,6 +47,7 @@ from .tls import (
     HelloReader,
     Invalid,
     ServerHello,
+    parse_one_record,
     parse_server_hello,
 )
 
@@ -155,6 +156,13 @@ class FirstFlight:
             if data[0] != _HANDSHAKE:
                 self.state = DONE
                 self.judge(None)
+                return data
+            whole = parse_one_record(data)
+            if isinstance(whole, ClientHello) and whole.length == len(data):
+                # The usual first read: exactly one record holding exactly one hello.
+                self.version = whole.record_version
+                self.judge(whole)
+                self.hello, self.state, self._following = whole, WAIT, True
                 return data
             self.state = HELLO
             self._reader, self._fed, self._pieces = HelloReader(), 0, 0

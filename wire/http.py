@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from policy.hosts import Host, HostError, parse_host
 
@@ -35,6 +35,9 @@ _TOKEN = re.compile(TOKEN + rb"\Z")
 # VCHAR, obs-text, SP and HTAB; anything else in a value (CR, LF, NUL, DEL...) is refused.
 _BAD_VALUE_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _BAD_TARGET_BYTE = re.compile(rb"[^\x21-\x7e]")
+# A whole well-formed header field: token, colon, value without controls (its surrounding
+# blanks outside the group). Anything else takes the checks that say what is wrong.
+_FIELD = re.compile(TOKEN.join([rb"(", rb"):[ \t]*((?:[^\x00-\x08\x0a-\x1f\x7f]*[^\x00-\x20\x7f])?)[ \t]*"]))
 _PORT = re.compile(r"[0-9]{1,5}\Z")
 _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])\Z")
 # Characters allowed in an absolute-form target after the authority (RFC 3986 pchar,
@@ -71,8 +74,7 @@ class VersionNotSupported(HeadError):
     status = 505
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(NamedTuple):
     """A parsed request head.
 
     For CONNECT, `host`/`port` are the tunnel target. For an absolute-form `http://`
@@ -125,9 +127,11 @@ def parse_head(head: bytes) -> Request:
         raise HeadTooLarge(f"request head exceeds {MAX_HEAD_BYTES} bytes")
     if not head.endswith(HEAD_END):
         raise BadRequest("incomplete request head")
-    lines = head[:-4].split(b"\r\n")
-    if any(b"\r" in line or b"\n" in line for line in lines):
+    body = head[:-4]
+    crlf = body.count(b"\r\n")
+    if body.count(b"\r") != crlf or body.count(b"\n") != crlf:
         raise BadRequest("bare CR or LF in request head: lines must end with CRLF")
+    lines = body.split(b"\r\n")
     method, target, version = _request_line(lines[0])
     headers = _header_fields(lines[1:])
     if method == "CONNECT":
@@ -165,6 +169,10 @@ def _header_fields(lines: list[bytes]) -> tuple[tuple[str, str], ...]:
         raise HeadTooLarge(f"more than {MAX_HEADER_FIELDS} header fields")
     fields = []
     for line in lines:
+        field = _FIELD.fullmatch(line)
+        if field is not None:  # the usual case: one match says it all
+            fields.append((field.group(1).decode("ascii"), field.group(2).decode("latin-1")))
+            continue
         if not line:
             raise BadRequest("empty line inside the request head")
         if line[0] in b" \t":

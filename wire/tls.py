@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import ClassVar, Final, final
+from typing import ClassVar, Final, NamedTuple, final
 
 __all__ = [
     "ACCESS_DENIED",
@@ -45,6 +45,7 @@ __all__ = [
     "alert",
     "is_tls_start",
     "parse_client_hello",
+    "parse_one_record",
     "parse_server_hello",
 ]
 
@@ -65,6 +66,7 @@ _EXT_SERVER_NAME = 0x0000
 _EXT_ALPN = 0x0010
 _EXT_SUPPORTED_VERSIONS = 0x002B
 _EXT_ENCRYPTED_CLIENT_HELLO = 0xFE0D
+_READ_EXTENSIONS = frozenset({_EXT_SERVER_NAME, _EXT_ALPN, _EXT_SUPPORTED_VERSIONS, _EXT_ENCRYPTED_CLIENT_HELLO})
 
 # Alert descriptions (RFC 8446 section 6) the proxy sends.
 ACCESS_DENIED: Final = 49
@@ -80,9 +82,9 @@ _U16 = struct.Struct("!H")
 _EXT_HEADER = struct.Struct("!HH")
 
 
-@dataclass(frozen=True, slots=True)
-class ClientHello:
-    """The parts of a ClientHello the proxy judges or logs."""
+class ClientHello(NamedTuple):
+    """The parts of a ClientHello the proxy judges or logs. (A tuple: built once per
+    tunnel on the hot path, where a frozen dataclass costs a call per field.)"""
 
     sni: str | None
     """``host_name`` from the ``server_name`` extension, exactly as sent (ASCII, not lowercased,
@@ -240,7 +242,7 @@ class HelloReader:
         if self._result is not None:
             return self._result
         if not self._buf:
-            whole = _one_record(data)
+            whole = parse_one_record(data)
             if whole is not None:
                 return self._end(whole)
         buf = self._buf
@@ -314,9 +316,10 @@ class HelloReader:
         return result
 
 
-def _one_record(data: bytes | bytearray | memoryview) -> ClientHello | Invalid | None:
+def parse_one_record(data: bytes | bytearray | memoryview) -> ClientHello | Invalid | None:
     """The usual case, a whole hello in one record at the start of `data`, parsed in
-    place; None for anything else (the general walk decides)."""
+    place (its `length` says where the record ends); None for anything else, which
+    `HelloReader` decides."""
     size = len(data)
     if size < 9 or data[0] != _CONTENT_HANDSHAKE or data[1] != 3 or data[5] != _HANDSHAKE_CLIENT_HELLO:
         return None
@@ -376,10 +379,11 @@ def _parse_body(
             # Trailing bytes after the extensions would be a place to hide a second opinion.
             return _EXTENSIONS_MISMATCH
         seen: set[int] = set()
+        remember, header = seen.add, _EXT_HEADER.unpack_from  # a dozen turns per hello: locals
         while p < end:
             if end - p < 4:
                 return _TRUNCATED_EXTENSION
-            ext_type, ext_length = _EXT_HEADER.unpack_from(msg, p)
+            ext_type, ext_length = header(msg, p)
             p += 4
             ext_end = p + ext_length
             if ext_end > end:
@@ -388,7 +392,10 @@ def _parse_body(
                 # RFC 8446 section 4.2: a duplicate is a protocol error; two server_name
                 # extensions would let the proxy and the server each pick a different one.
                 return _DUPLICATE_EXTENSION
-            seen.add(ext_type)
+            remember(ext_type)
+            if ext_type not in _READ_EXTENSIONS:
+                p = ext_end
+                continue
             if ext_type == _EXT_SERVER_NAME:
                 result = _parse_server_name(msg, p, ext_end)
                 if isinstance(result, Invalid):
