@@ -17,7 +17,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 run: $(STAMP)
 	CONFIGMAP_PATH=$${CONFIGMAP_PATH:-egress-policy.yaml} $(PY) egress_guard.py
 
-# Command-line tools the end-to-end tests drive (curl).
+# Command-line tools the end-to-end tests drive (curl; strace for the per-tunnel budget).
 tools:
 	@.ci/ensure-tools
 

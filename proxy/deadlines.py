@@ -88,7 +88,7 @@ def _expire(flow: Flow, deadline: float) -> None:
     for stream in (flow.client_stream, flow.upstream):
         if stream is None:
             continue
-        for watcher in (stream.readable, stream.writable):
+        for watcher in stream.watchers:
             waiter = getattr(watcher.callback, "__self__", None) if watcher.active else None
             if isinstance(waiter, Waiter):
                 waiter.throw(Deadline())

@@ -35,18 +35,28 @@ def hub() -> Any:
 class Stream:
     """A non-blocking socket and its read and write watchers."""
 
-    __slots__ = ("sock", "readable", "writable", "owned", "wrapper")
+    __slots__ = ("sock", "readable", "_writable", "owned", "wrapper")
 
     def __init__(self, sock: socket.socket, readable: Any = None, writable: Any = None, wrapper: Any = None) -> None:
         self.sock = sock
         self.owned = readable is None  # watchers made here are closed here
         self.wrapper = wrapper  # the gevent socket this Stream is a view of, if any
         if readable is None:
-            loop = hub().loop
-            fd = sock.fileno()
-            readable, writable = loop.io(fd, READ), loop.io(fd, WRITE)
+            readable = hub().loop.io(sock.fileno(), READ)
         self.readable = readable
-        self.writable = writable
+        self._writable = writable  # made when first needed: most sockets never wait to write
+
+    @property
+    def writable(self) -> Any:
+        watcher = self._writable
+        if watcher is None:
+            watcher = self._writable = hub().loop.io(self.sock.fileno(), WRITE)
+        return watcher
+
+    @property
+    def watchers(self) -> tuple[Any, ...]:
+        """The watchers made so far (what a waiting greenlet may be parked on)."""
+        return (self.readable,) if self._writable is None else (self.readable, self._writable)
 
     @classmethod
     def of(cls, gsock: Any) -> Stream:
@@ -63,11 +73,10 @@ class Stream:
         from gevent import socket as gevent_socket
 
         if self.owned:
-            self.readable.close()
-            self.writable.close()
+            self._close_watchers()
         sock = self.sock
         wrapped = gevent_socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
-        self.sock, self.readable, self.writable = wrapped._sock, wrapped._read_event, wrapped._write_event  # noqa: SLF001
+        self.sock, self.readable, self._writable = wrapped._sock, wrapped._read_event, wrapped._write_event  # noqa: SLF001
         self.owned, self.wrapper = False, wrapped
         return wrapped
 
@@ -111,9 +120,13 @@ class Stream:
             self.wrapper.close()
             return
         if self.owned:
-            self.readable.close()
-            self.writable.close()
+            self._close_watchers()
         self.sock.close()
+
+    def _close_watchers(self) -> None:
+        self.readable.close()
+        if self._writable is not None:
+            self._writable.close()
 
 
 def wait_readable(first: Stream, second: Stream | None = None) -> Stream:
