@@ -41,7 +41,7 @@ from proxy.dial import load_hosts_file, system_resolver
 from proxy.flow import Flow
 from proxy.forward import forward
 from proxy.observe import Metrics, configure_logging
-from proxy.handshake import first_flight
+from proxy.handshake import LateFirstBytes, first_flight
 from proxy.pump import relay
 from proxy.reading import Closed, read_request
 from proxy.refusal import ESTABLISHED, Refusal
@@ -142,16 +142,21 @@ class Proxy:
             flow.established = True
             admission.track(flow)  # from here on, a reload's revocation covers it
             flight = FirstFlight(self.stream_judge(current, identity, flow))
-            first_flight(client, upstream, buffered, flight, flow, admission.sweeper,
-                         require_tls=identity.require_tls, hello_timeout=self.settings.hello_timeout)  # steps 8-9
+            late = first_flight(client, upstream, buffered, flight, flow, admission.sweeper,
+                                require_tls=identity.require_tls, hello_timeout=self.settings.hello_timeout)  # 8-9
             # An open tunnel keeps nothing of its handshake alive (memory per idle
             # tunnel), nor the policy snapshot it was judged by.
             del current, identity, buffered, flight
-            flow.verdict = None
-            self.records.admitted(flow)
-            self.pump(flow)  # step 10
+            if late is None:
+                self.admitted(flow)
+            self.pump(flow, late)  # step 10
         finally:
             admission.release(flow)
+
+    def admitted(self, flow: Flow) -> None:
+        """The first flight is judged: drop what judging needed, write the decision."""
+        flow.verdict = None
+        self.records.admitted(flow)
 
     def stream_judge(self, current: Policy, identity: Identity, flow: Flow) -> Callable[[ClientHello | None], None]:
         """Step 9 for the first flight: judge each ClientHello (None: the stream is not
@@ -167,17 +172,25 @@ class Proxy:
 
         return judge
 
-    def pump(self, flow: Flow) -> None:
-        """Step 10: copy both ways until done."""
+    def pump(self, flow: Flow, late: LateFirstBytes | None = None) -> None:
+        """Step 10: copy both ways until done (judging the client's first bytes on the
+        way, `late`, when the server spoke first)."""
         metrics = self.admission.metrics
         metrics.active_tunnels.inc()
+        refused = False
         try:
-            relay(flow.client_stream, flow.upstream, flow)
+            relay(flow.client_stream, flow.upstream, flow, late, late and (lambda: self.admitted(flow)))
+        except Refusal:
+            refused = True  # the handler records it: the request's one decision
+            raise
         except OSError:
             pass
         finally:
             metrics.active_tunnels.dec()
-            self.records.tunnel_closed(flow)
+            if not refused:
+                if late is not None and not late.done:
+                    self.admitted(flow)  # the client never spoke: the decision stands as it was
+                self.records.tunnel_closed(flow)
 
     # -- around the connections ---------------------------------------------------
 

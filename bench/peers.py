@@ -1,8 +1,7 @@
 #!/usr/bin/env python3
 """Start / stop peer CONNECT proxies (and arbitrary proxy commands) on loopback.
 
-Adapted from the team's shared harness (shared/bench/peers.py). Library used by
-bench/run.py, and a small CLI for poking at a peer by hand:
+Library used by bench/run.py, and a small CLI for poking at a peer by hand:
 
     python3 bench/peers.py list
     python3 bench/peers.py start NAME PORT [--cpu 0]   # prints the PID, proxy keeps running

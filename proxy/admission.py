@@ -113,7 +113,7 @@ class Admission:
         """Record a refusal and tell the client (the one place that does both)."""
         self.records.decision(flow, refusal.status, refusal.reason, error=refusal.error, level=refusal.level)
         answer = refusal.answer(flow.established)
-        if answer:
+        if answer and not refusal.answered:
             try:
                 client.send_all(answer)
             except OSError:

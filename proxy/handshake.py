@@ -29,8 +29,11 @@ CHUNK = 65536
 
 
 def first_flight(client: Stream, upstream: Stream, buffered: bytes, flight: FirstFlight, flow: Flow,
-                 sweeper: Sweeper, *, require_tls: bool, hello_timeout: float) -> None:
-    """Read, judge and forward the first flight; returns when the pump may take over."""
+                 sweeper: Sweeper, *, require_tls: bool, hello_timeout: float) -> LateFirstBytes | None:
+    """Read, judge and forward the first flight; returns when the pump may take over:
+    with None when the flight is judged, or with the judge of the client's first bytes
+    still to come when the server spoke first (`require_tls: false`: SMTP, MySQL, a
+    stream the client only reads), so the pump carries the server's bytes meanwhile."""
     armed = False
     try:
         if require_tls:
@@ -63,6 +66,9 @@ def first_flight(client: Stream, upstream: Stream, buffered: bytes, flight: Firs
                     server_open = False
                     client.shutdown(_socket.SHUT_WR)
                     continue
+                if not flight.started:
+                    _forward(client, data, flow, False)
+                    return LateFirstBytes(flight)
                 _forward(client, flight.server(data), flow, False)
                 _forward(upstream, flight.release(), flow, True)  # the inspection may have ended here
                 continue
@@ -78,6 +84,33 @@ def first_flight(client: Stream, upstream: Stream, buffered: bytes, flight: Firs
     finally:
         if armed:
             sweeper.disarm(flow)
+
+
+class LateFirstBytes:
+    """The client's first bytes, judged in the pump's client-to-server direction after
+    the server spoke first (only `require_tls: false` identities read the server before
+    the client's first bytes). They are judged exactly like a first flight: plaintext by
+    check 5, a ClientHello reassembled, capped and judged on its SNI. A server that spoke
+    before any ClientHello is not a TLS server (a TLS server never speaks first), so the
+    inspection ends once the first bytes are judged."""
+
+    __slots__ = ("flight", "done")
+
+    def __init__(self, flight: FirstFlight) -> None:
+        self.flight = flight
+        self.done = False
+
+    def __call__(self, data: bytes) -> bytes:
+        """What of `data` may go to the server (raises the Refusal for the client)."""
+        flight = self.flight
+        try:
+            out = flight.client(data)
+        except FlightError as error:
+            raise _refusal(error, flight) from None
+        if flight.hello is not None or flight.client_done:
+            out += flight.end()
+            self.done = True
+        return out
 
 
 def _forward(sink: Stream, data: bytes, flow: Flow, upstream: bool) -> None:

@@ -26,11 +26,13 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from typing import Any, Callable
 
 import gevent
 from gevent.hub import Waiter
 
 from proxy.flow import Flow, abort
+from proxy.refusal import Refusal
 from proxy.stream import Stream, hub
 
 CHUNK = 65536
@@ -98,23 +100,61 @@ class Pipes:
 PIPES = Pipes()
 
 
-def relay(client: Stream, upstream: Stream, flow: Flow) -> None:
+def relay(client: Stream, upstream: Stream, flow: Flow, first: Callable[[bytes], bytes] | None = None,
+          judged: Callable[[], None] | None = None) -> None:
     """Pump until both directions end; counts go into `flow`.
 
     This greenlet copies client -> upstream; a second, raw greenlet (no Greenlet
     bookkeeping: links, exception records) copies upstream -> client and reports back
-    through a Waiter when it ends.
+    through a Waiter when it ends. `first` (with `.done`), if given, judges the client's
+    first bytes before they go on (proxy/handshake.py: LateFirstBytes); `judged` is
+    called once it is done. A Refusal it raises is answered to the client here, before
+    both sides are shut, and then raised.
     """
     done = Waiter(hub())
     gevent.spawn_raw(_copy_then_report, upstream, client, flow, done)
     finished = False
     try:
-        _copy(client, upstream, flow, True)
+        if first is None or _first_bytes(client, upstream, flow, first, judged):
+            _copy(client, upstream, flow, True)
         done.get()
         finished = True
+    except Refusal as refusal:
+        answer = refusal.answer(True)
+        if answer:
+            try:
+                client.send_all(answer)
+            except OSError:
+                pass
+        refusal.answered = True
+        raise
     finally:
         if not finished:
             abort(client, upstream)  # the other direction sees EOF and ends on its own
+
+
+def _first_bytes(client: Stream, upstream: Stream, flow: Flow, first: Any, judged: Callable[[], None] | None) -> bool:
+    """Feed the client's reads to `first` until it has judged them; False if the client
+    went away first."""
+    recv, wait = client.sock.recv, hub().wait
+    while not first.done:
+        try:
+            data = recv(CHUNK)
+        except BlockingIOError:
+            wait(client.readable)
+            continue
+        except OSError:
+            return False
+        if not data:
+            upstream.shutdown(socket.SHUT_WR)
+            return False
+        out = first(data)
+        if out:
+            upstream.send_all(out)
+            flow.up += len(out)
+    if judged is not None:
+        judged()
+    return True
 
 
 def _copy_then_report(source: Stream, sink: Stream, flow: Flow, done: Waiter) -> None:

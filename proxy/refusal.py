@@ -76,6 +76,7 @@ class Refusal(Exception):
         self.error = error  # operator-facing detail for the log (e.g. an errno), never a secret
         self.headers = tuple(headers)
         self.level = level
+        self.answered = False  # the client was already told (by the pump)
 
     @classmethod
     def answer_http(cls, code: int, reason: str, *, error: str | None = None,

@@ -188,6 +188,12 @@ class FirstFlight:
             held.clear()
         return bytes(out)
 
+    def end(self) -> bytes:
+        """Stop inspecting (the caller knows the server is not a TLS server); the bytes
+        still held back, which may go now."""
+        self.state, self._server_done, self._reader, self._skip = DONE, True, None, 0
+        return self.release()
+
     def release(self) -> bytes:
         """Bytes held back that may go now (the inspection ended from the server's side)."""
         if self.state != DONE:
