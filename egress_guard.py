@@ -90,7 +90,7 @@ class Proxy:
 
     def listen(self) -> None:
         self.server = Listener((self.settings.proxy_host, self.settings.proxy_port), self.handle,
-                                   spawn=self.connections, backlog=4096)
+                               spawn=self.connections, backlog=4096)
         self.server.start()
 
     # -- steps 1-3: accept, read and parse the head --------------------------------

@@ -97,12 +97,13 @@ class LateFirstBytes:
     __slots__ = ("flight", "done")
 
     def __init__(self, flight: FirstFlight) -> None:
-        self.flight = flight
+        self.flight: FirstFlight | None = flight
         self.done = False
 
     def __call__(self, data: bytes) -> bytes:
         """What of `data` may go to the server (raises the Refusal for the client)."""
         flight = self.flight
+        assert flight is not None
         try:
             out = flight.client(data)
         except FlightError as error:
@@ -110,6 +111,7 @@ class LateFirstBytes:
         if flight.hello is not None or flight.client_done:
             out += flight.end()
             self.done = True
+            self.flight = None  # its judge holds the policy snapshot: not for the tunnel's life
         return out
 
 

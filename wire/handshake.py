@@ -90,7 +90,7 @@ class FirstFlight:
     __slots__ = (
         "judge", "state", "hello", "retried", "version",
         "_held", "_skip", "_records", "_reader", "_fed", "_pieces", "_msg_left", "_msg_head",
-        "_following", "_server_done", "_sbuf", "_sskip", "_shs",
+        "_following", "_server_done", "_answers",
     )
 
     def __init__(self, judge: Callable[[ClientHello | None], None]) -> None:
@@ -111,9 +111,7 @@ class FirstFlight:
         # The server's side.
         self._following = False  # a ClientHello went out: read the server's answer
         self._server_done = False
-        self._sbuf = bytearray()
-        self._sskip = 0
-        self._shs = bytearray()  # the server's handshake bytes, until its ServerHello
+        self._answers = ServerAnswers()
 
     @property
     def done(self) -> bool:
@@ -302,53 +300,16 @@ class FirstFlight:
         having first updated what the client may send next."""
         if self.server_done or not self._following or not data:
             return data
-        buf = self._sbuf
-        buf += data
-        while buf and not self._server_done:
-            if self._sskip:
-                take = min(self._sskip, len(buf))
-                self._sskip -= take
-                del buf[:take]
-                continue
-            if buf[0] not in (_CCS, _ALERT, _HANDSHAKE) or (len(buf) >= 2 and buf[1] != 3):
-                self._not_tls()  # not a TLS server: nothing to follow
-                break
-            if len(buf) < 5:
-                break
-            length = (buf[3] << 8) | buf[4]
-            if not 0 < length <= _MAX_CIPHERTEXT:
+        for answer in self._answers.feed(data):
+            if answer is NOT_TLS:
                 self._not_tls()
                 break
-            if buf[0] != _HANDSHAKE:
-                del buf[:5]
-                self._sskip = length  # alerts and compatibility-mode CCS pass
-                continue
-            if len(buf) < 5 + length:
-                break
-            self._shs += buf[5 : 5 + length]
-            del buf[: 5 + length]
-            self._server_messages()
-        if self._server_done:
-            self._sbuf, self._shs = bytearray(), bytearray()
-        return data
-
-    def _server_messages(self) -> None:
-        """The server's handshake messages gathered so far, up to its ServerHello."""
-        shs = self._shs
-        while len(shs) >= 4 and not self._server_done:
-            if shs[0] != _SERVER_HELLO:
-                self._not_tls()  # a TLS server answers a ClientHello with a ServerHello
-                return
-            size = 4 + ((shs[1] << 16) | (shs[2] << 8) | shs[3])
-            if size > MAX_SERVER_HELLO:
-                raise _server_error("ServerHello too large")
-            if len(shs) < size:
-                return
-            answer = parse_server_hello(bytes(shs[4:size]))
-            del shs[:size]
-            if isinstance(answer, Invalid):
-                raise _server_error("malformed ServerHello")
             self._answered(answer)
+            if self._server_done:
+                break
+        if self._server_done:
+            self._answers = ServerAnswers()  # nothing more to read: let its buffers go
+        return data
 
     def _answered(self, answer: ServerHello) -> None:
         if answer.retry:
@@ -371,6 +332,70 @@ class FirstFlight:
         self.state = DONE
         self._skip = 0
         self._reader = None
+
+
+NOT_TLS = object()  # ServerAnswers: the server's stream is not a TLS handshake
+
+
+class ServerAnswers:
+    """The server's side of a handshake, read as it passes: its records, and the
+    handshake messages they carry up to its ServerHellos (a HelloRetryRequest is one)."""
+
+    __slots__ = ("_buf", "_skip", "_messages")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()  # bytes of a record not yet whole
+        self._skip = 0  # payload bytes of a record passed over
+        self._messages = bytearray()  # handshake bytes, up to a whole message
+
+    def feed(self, data: bytes) -> list[ServerHello | object]:
+        """What `data` completes: ServerHellos in order, or NOT_TLS (and nothing after)."""
+        found: list[ServerHello | object] = []
+        buf = self._buf
+        buf += data
+        while buf:
+            if self._skip:
+                take = min(self._skip, len(buf))
+                self._skip -= take
+                del buf[:take]
+                continue
+            if buf[0] not in (_CCS, _ALERT, _HANDSHAKE) or (len(buf) >= 2 and buf[1] != 3):
+                return [*found, NOT_TLS]  # not a TLS server: nothing to follow
+            if len(buf) < 5:
+                break
+            length = (buf[3] << 8) | buf[4]
+            if not 0 < length <= _MAX_CIPHERTEXT:
+                return [*found, NOT_TLS]
+            if buf[0] != _HANDSHAKE:
+                del buf[:5]
+                self._skip = length  # alerts and compatibility-mode CCS pass
+                continue
+            if len(buf) < 5 + length:
+                break
+            self._messages += buf[5 : 5 + length]
+            del buf[: 5 + length]
+            if self._hellos(found):
+                return [*found, NOT_TLS]
+        return found
+
+    def _hellos(self, found: list[ServerHello | object]) -> bool:
+        """Move the whole handshake messages gathered into `found`; True if one is not
+        a ServerHello (a TLS server answers a ClientHello with a ServerHello)."""
+        messages = self._messages
+        while len(messages) >= 4:
+            if messages[0] != _SERVER_HELLO:
+                return True
+            size = 4 + ((messages[1] << 16) | (messages[2] << 8) | messages[3])
+            if size > MAX_SERVER_HELLO:
+                raise _server_error("ServerHello too large")
+            if len(messages) < size:
+                return False
+            answer = parse_server_hello(bytes(messages[4:size]))
+            del messages[:size]
+            if isinstance(answer, Invalid):
+                raise _server_error("malformed ServerHello")
+            found.append(answer)
+        return False
 
 
 def _server_error(reason: str) -> FlightError:

@@ -365,57 +365,11 @@ def _parse_body(
     if p > end:
         return _TRUNCATED_HELLO
 
-    sni: str | None = None
-    alpn: tuple[str, ...] = ()
-    supported_versions: tuple[int, ...] = ()
-    has_ech = False
     # A hello may end here: SSL 3.0 / early TLS 1.0 clients sent no extensions block at all.
-    if p < end:
-        if p + 2 > end:
-            return _EXTENSIONS_MISMATCH
-        (extensions_length,) = _U16.unpack_from(msg, p)
-        p += 2
-        if p + extensions_length != end:
-            # Trailing bytes after the extensions would be a place to hide a second opinion.
-            return _EXTENSIONS_MISMATCH
-        seen: set[int] = set()
-        remember, header = seen.add, _EXT_HEADER.unpack_from  # a dozen turns per hello: locals
-        while p < end:
-            if end - p < 4:
-                return _TRUNCATED_EXTENSION
-            ext_type, ext_length = header(msg, p)
-            p += 4
-            ext_end = p + ext_length
-            if ext_end > end:
-                return _TRUNCATED_EXTENSION
-            if ext_type in seen:
-                # RFC 8446 section 4.2: a duplicate is a protocol error; two server_name
-                # extensions would let the proxy and the server each pick a different one.
-                return _DUPLICATE_EXTENSION
-            remember(ext_type)
-            if ext_type not in _READ_EXTENSIONS:
-                p = ext_end
-                continue
-            if ext_type == _EXT_SERVER_NAME:
-                result = _parse_server_name(msg, p, ext_end)
-                if isinstance(result, Invalid):
-                    return result
-                sni = result
-            elif ext_type == _EXT_ALPN:
-                result_alpn = _parse_alpn(msg, p, ext_end)
-                if result_alpn is None:
-                    return _BAD_ALPN
-                alpn = result_alpn
-            elif ext_type == _EXT_SUPPORTED_VERSIONS:
-                # u8 length, then u16 versions (the ClientHello form, RFC 8446 4.2.1).
-                if ext_length < 3 or msg[p] != ext_length - 1 or msg[p] & 1:
-                    return _BAD_SUPPORTED_VERSIONS
-                count = msg[p] // 2
-                supported_versions = struct.unpack_from(f"!{count}H", msg, p + 1)
-            elif ext_type == _EXT_ENCRYPTED_CLIENT_HELLO:
-                has_ech = True
-            p = ext_end
-
+    found = _parse_extensions(msg, p, end) if p < end else (None, (), (), False)
+    if isinstance(found, Invalid):
+        return found
+    sni, alpn, supported_versions, has_ech = found
     return ClientHello(
         sni=sni,
         record_version=record_version,
@@ -425,6 +379,61 @@ def _parse_body(
         has_ech=has_ech,
         length=length,
     )
+
+
+def _parse_extensions(
+    msg: bytes | memoryview, p: int, end: int
+) -> tuple[str | None, tuple[str, ...], tuple[int, ...], bool] | Invalid:
+    """(sni, alpn, supported_versions, has_ech) from the extensions block at `msg[p:end]`."""
+    sni: str | None = None
+    alpn: tuple[str, ...] = ()
+    supported_versions: tuple[int, ...] = ()
+    has_ech = False
+    if p + 2 > end:
+        return _EXTENSIONS_MISMATCH
+    (extensions_length,) = _U16.unpack_from(msg, p)
+    p += 2
+    if p + extensions_length != end:
+        # Trailing bytes after the extensions would be a place to hide a second opinion.
+        return _EXTENSIONS_MISMATCH
+    seen: set[int] = set()
+    remember, header = seen.add, _EXT_HEADER.unpack_from  # a dozen turns per hello: locals
+    while p < end:
+        if end - p < 4:
+            return _TRUNCATED_EXTENSION
+        ext_type, ext_length = header(msg, p)
+        p += 4
+        ext_end = p + ext_length
+        if ext_end > end:
+            return _TRUNCATED_EXTENSION
+        if ext_type in seen:
+            # RFC 8446 section 4.2: a duplicate is a protocol error; two server_name
+            # extensions would let the proxy and the server each pick a different one.
+            return _DUPLICATE_EXTENSION
+        remember(ext_type)
+        if ext_type not in _READ_EXTENSIONS:
+            p = ext_end
+            continue
+        if ext_type == _EXT_SERVER_NAME:
+            result = _parse_server_name(msg, p, ext_end)
+            if isinstance(result, Invalid):
+                return result
+            sni = result
+        elif ext_type == _EXT_ALPN:
+            result_alpn = _parse_alpn(msg, p, ext_end)
+            if result_alpn is None:
+                return _BAD_ALPN
+            alpn = result_alpn
+        elif ext_type == _EXT_SUPPORTED_VERSIONS:
+            # u8 length, then u16 versions (the ClientHello form, RFC 8446 4.2.1).
+            if ext_length < 3 or msg[p] != ext_length - 1 or msg[p] & 1:
+                return _BAD_SUPPORTED_VERSIONS
+            count = msg[p] // 2
+            supported_versions = struct.unpack_from(f"!{count}H", msg, p + 1)
+        elif ext_type == _EXT_ENCRYPTED_CLIENT_HELLO:
+            has_ech = True
+        p = ext_end
+    return sni, alpn, supported_versions, has_ech
 
 
 def _parse_server_name(msg: bytes | memoryview, p: int, end: int) -> str | Invalid:

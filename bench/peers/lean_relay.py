@@ -49,6 +49,18 @@ class Side:
             except BlockingIOError:
                 HUB.wait(self.rd)
 
+    def read_head(self):
+        """(request head, bytes after it), or None if the client left or sent too much."""
+        buf = b""
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end >= 0:
+                return buf[:end], buf[end + 4:]
+            data = self.read(16384)
+            if not data or len(buf) > 16384:
+                return None
+            buf += data
+
     def write(self, data):
         view = memoryview(data)
         while view:
@@ -94,13 +106,10 @@ def target_of(head):
 def handle(wrapped, _address):
     client = Side(wrapped._sock, wrapped._read_event, wrapped._write_event)
     client.sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-    head = b""
-    while b"\r\n\r\n" not in head:
-        data = client.read(16384)
-        if not data or len(head) > 16384:
-            return
-        head += data
-    head, _, rest = head.partition(b"\r\n\r\n")
+    received = client.read_head()
+    if received is None:
+        return
+    head, rest = received
     try:
         ip, port = target_of(head)
     except (ValueError, IndexError):
