@@ -99,6 +99,7 @@ class Proxy:
         peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
         del address
         flow = Flow(peer)
+        conn = flow.conn
         flow.client_stream = stream
         admission = self.admission
         try:
@@ -108,7 +109,7 @@ class Proxy:
             buffered = b""
             while True:  # one request per CONNECT; several for keep-alive plain HTTP
                 if flow.method:
-                    flow = Flow(peer)
+                    flow = Flow(peer, conn)
                     flow.client_stream = stream
                 request, buffered = read_request(stream, buffered, flow, admission.sweeper,
                                                  self.settings.header_timeout)
@@ -124,10 +125,10 @@ class Proxy:
             if closed.partial:
                 self.records.decision(flow, Status.BAD_REQUEST, "client closed mid-request", level=logging.DEBUG)
         except OSError as error:
-            log.debug("client connection error", extra={"client": peer, "error": str(error)})
+            log.debug("client connection error", extra={"conn": conn, "client": peer, "error": str(error)})
         except Exception:  # noqa: BLE001 - a bug ends this connection, never the server
             log.exception("internal error while handling a connection", extra={
-                "client": peer, "identity": flow.identity, "destination": flow.destination})
+                "conn": conn, "client": peer, "identity": flow.identity, "destination": flow.destination})
 
     # -- steps 4-10: one CONNECT ------------------------------------------------------
 
@@ -228,8 +229,10 @@ def serve(settings: Settings) -> int:
     registry = CollectorRegistry()
     metrics = Metrics(registry, process=True)
     holder: list[Admission] = []
+    reloaders: list[Reloader] = []
     admin = WSGIServer((settings.metrics_host, settings.metrics_port),
-                       admin_app(lambda: holder[0] if holder else None, registry),
+                       admin_app(lambda: holder[0] if holder else None, registry,
+                                 lambda: reloaders[0].rejected if reloaders else None),
                        log=None, error_log=log)
     try:
         admin.start()
@@ -239,7 +242,9 @@ def serve(settings: Settings) -> int:
     try:
         current = policy.load_policy_file(settings.configmap_path)
     except PolicyError as error:
-        log.error(f"cannot load policy: {error}", extra={"path": settings.configmap_path})
+        hint = ("; set CONFIGMAP_PATH to the policy file" if loaded is None
+                else "; check it with: python egress_guard.py check-policy FILE")
+        log.error(f"cannot load policy: {error}{hint}", extra={"path": settings.configmap_path})
         return 1
     hosts = {}
     if settings.hosts_file:
@@ -250,6 +255,7 @@ def serve(settings: Settings) -> int:
             return 1
     admission = Admission(settings, current, metrics, log, system_resolver(hosts))
     reloader = Reloader(settings.configmap_path, admission, loaded)
+    reloaders.append(reloader)
     digest, identities = current.digest, len(current.identities)
     del current  # admission holds the one reference; a reload must be able to free it
     proxy = Proxy(settings, admission)
@@ -275,6 +281,7 @@ def serve(settings: Settings) -> int:
         "version": __version__, "proxy": f"{settings.proxy_host}:{settings.proxy_port}",
         "metrics": f"{settings.metrics_host}:{settings.metrics_port}", "policy": digest,
         "path": settings.configmap_path, "identities": identities,
+        "hosts_file": settings.hosts_file or None, "pinned_names": len(hosts),
     })
     stop.wait()
     proxy.drain()
@@ -297,7 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-policy":
         return cli.check_policy(args.file)
     if args.command == "explain":
-        return cli.explain(args.file, args.key, args.dest, args.sni)
+        return cli.explain(args.file, args.key, args.dest, args.sni, identity_name=args.identity,
+                           addresses=args.address, http_request=args.http,
+                           hosts_file=os.environ.get("HOSTS_FILE") or None)
     configure_logging(logging.INFO)
     try:
         settings = Settings.from_env(os.environ)

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 15.0
 STOP_TIMEOUT = 30.0
@@ -734,3 +736,36 @@ def curl(proxy: Proxy, url: str, key: str | None, ca_pem: str | Path | None, *ar
         command += ["--cacert", str(ca_pem)]
     command += [*args, url]
     return subprocess.run(command, check=False, capture_output=True, timeout=timeout, env=clean_env(), text=True)
+
+
+def tunnel_works(proxy: Proxy, ca: Any, host: str, port: int, key: str = "app-key") -> bool:
+    """A TLS tunnel to `host` opens and carries bytes both ways."""
+    with connect(proxy, f"{host}:{port}", key) as reply:
+        if reply.status != 200:
+            return False
+        stream = tls_wrap(reply.sock, ca, host)
+        stream.sendall(b"still here")
+        ok = recv_exactly(stream, 10) == b"still here"
+        stream.close()
+        return ok
+
+
+def expect_startup_error(proxy: Proxy, *words: str) -> dict:
+    """The proxy exits 1 on a startup error: one JSON ERROR line naming `words`, no
+    traceback, nothing left listening; that line."""
+    try:
+        code = proxy.wait_exit(15)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the proxy did not exit on a startup error:\n{proxy.output()}")
+    output = proxy.output()
+    assert code == 1, output
+    assert "Traceback" not in output, output
+    lines = proxy.log_lines()
+    errors = [l for l in lines if l.get("level") == "ERROR"]
+    assert len(errors) == 1, lines
+    for word in words:
+        assert word in errors[0]["message"] + " " + str(errors[0].get("error", "")), errors[0]
+    for line in lines:
+        assert {"timestamp", "level", "message"} <= set(line), line
+    assert proxy.http_status("/health", timeout=0.5) is None, "nothing may stay listening"
+    return errors[0]

@@ -45,15 +45,20 @@ def proxy(module_proxies) -> Proxy:
     return module_proxies(POLICY, HEADER_TIMEOUT="1", CONNECT_TIMEOUT="5")
 
 
-def refused(proxy: Proxy, reply, status: int, action: str, identity: str = "-") -> dict:
-    """Common checks for a refusal; returns its decision log line."""
+def refused(proxy: Proxy, reply, status: int, action: str, identity: str = "-", logged: bool = True) -> dict:
+    """Common checks for a refusal; returns its decision log line (`logged`: expect one
+    at INFO)."""
     assert reply.status == status, (reply.raw_head, reply.body)
     assert reply.body.startswith(b"egress-guard: ") and reply.body.endswith(b"\n"), reply.body
     assert reply.headers.get("content-type", "").startswith("text/plain")
     assert int(reply.headers["content-length"]) == len(reply.body)
+    assert reply.headers["proxy-status"].startswith("egress-guard; error=")
+    if not logged:
+        return {}
     line = proxy.decision(reply)
     assert line["action"] == action, line
     assert line["identity"] == identity, line
+    assert reply.body.decode() == f"egress-guard: {line['reason']}\n"
     return line
 
 
@@ -217,7 +222,8 @@ def test_407_proxy_authentication_required(proxy: Proxy, tls_upstream: Upstream,
     mark = tls_upstream.snapshot()
     headers = [] if value is None else [f"Proxy-Authorization: {value}"]
     with connect(proxy, f"api.example.com:{tls_upstream.port}", None, headers=headers) as reply:
-        refused(proxy, reply, 407, "auth_required")
+        # No credentials at all is the first step of a challenge (git): DEBUG, not INFO.
+        refused(proxy, reply, 407, "auth_required", logged=value is not None)
         assert reply.reason == "Proxy Authentication Required"
         assert reply.headers.get("proxy-authenticate") == REALM
     counted(proxy, before, identity="-", destination="", status="auth_required")

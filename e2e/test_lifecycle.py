@@ -7,7 +7,6 @@ import base64
 import json
 import signal
 import socket
-import subprocess
 import time
 
 import pytest
@@ -17,6 +16,7 @@ from _support import (
     Upstream,
     closed_by_peer,
     connect,
+    expect_startup_error,
     recv_exactly,
     tls_wrap,
     wait_until,
@@ -72,25 +72,6 @@ BAD_ENV = {
     "MAX_CONNECTIONS=0": ({"MAX_CONNECTIONS": "0"}, "MAX_CONNECTIONS"),
     "PROXY_HOST=localhost:1": ({"PROXY_HOST": "localhost:1"}, "PROXY_HOST"),
 }
-
-
-def expect_startup_error(proxy: Proxy, *words: str) -> dict:
-    try:
-        code = proxy.wait_exit(15)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the proxy did not exit on a startup error:\n{proxy.output()}")
-    output = proxy.output()
-    assert code == 1, output
-    assert "Traceback" not in output, output
-    lines = proxy.log_lines()
-    errors = [l for l in lines if l.get("level") == "ERROR"]
-    assert len(errors) == 1, lines
-    for word in words:
-        assert word in errors[0]["message"] + " " + str(errors[0].get("error", "")), errors[0]
-    for line in lines:
-        assert {"timestamp", "level", "message"} <= set(line), line
-    assert proxy.http_status("/health", timeout=0.5) is None, "nothing may stay listening"
-    return errors[0]
 
 
 @pytest.mark.parametrize("env,variable", BAD_ENV.values(), ids=BAD_ENV.keys())

@@ -19,6 +19,7 @@ from _support import (
     connect,
     recv_exactly,
     tls_wrap,
+    tunnel_works,
     wait_until,
 )
 
@@ -35,17 +36,6 @@ WITHOUT_OTHER = BASE.format(extra="")
 def status_of(proxy: Proxy, target: str, key: str = "app-key") -> int:
     with connect(proxy, target, key) as reply:
         return reply.status
-
-
-def tunnel_works(proxy: Proxy, ca, host: str, port: int, key: str = "app-key") -> bool:
-    with connect(proxy, f"{host}:{port}", key) as reply:
-        if reply.status != 200:
-            return False
-        stream = tls_wrap(reply.sock, ca, host)
-        stream.sendall(b"still here")
-        ok = recv_exactly(stream, 10) == b"still here"
-        stream.close()
-        return ok
 
 
 def counter(proxy: Proxy, name: str, **labels: str) -> float:

@@ -61,7 +61,7 @@ def parse_destination(text: str) -> Rule:
         raise DestinationError(f"looks like a URL; write only the host, e.g. {rest!r}")
     if "@" in text:
         raise DestinationError("userinfo ('@') is not allowed; write only the host")
-    host, ports = _split_port(text)
+    host, ports = split_port(text)
     port_range = parse_ports(ports) if ports is not None else None
 
     if "*" in host:
@@ -90,7 +90,7 @@ def parse_destination(text: str) -> Rule:
     return Rule(text, "domain", port_range, text if text == parsed.name else parsed.name)
 
 
-def _split_port(text: str) -> tuple[str, str | None]:
+def split_port(text: str) -> tuple[str, str | None]:
     """Split ``host[:ports]``; IPv6 needs brackets to carry a port."""
     if text.startswith("["):
         inside, bracket, after = text[1:].partition("]")

@@ -10,12 +10,10 @@ Duplicate YAML keys are errors too; PyYAML would silently keep the last one.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import os
 import re
 import unicodedata
-from collections.abc import Mapping
 from typing import Any
 
 import yaml
@@ -23,11 +21,12 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from .addresses import DEFAULT_FORBIDDEN, ForbiddenRanges, NetworkError, network_key, parse_network
 from .destinations import DestinationError, parse_destination
-from .model import MODES, Identity, Policy, PolicyError, Rule, key_digest
+from .expectations import Expectation, parse_tests, run_tests
+from .model import MODES, Identity, Policy, PolicyError, Rule, _show, _type_name, _unknown_keys, key_digest
 
 __all__ = ["load_policy_file", "load_policy_text", "warnings"]
 
-TOP_KEYS = ("identities", "settings")
+TOP_KEYS = ("identities", "settings", "tests")
 SETTINGS_KEYS = ("forbidden_ranges",)
 IDENTITY_KEYS = ("api_keys", "allowed_destinations", "mode", "require_tls", "allow_http", "max_tunnels")
 
@@ -36,7 +35,6 @@ RESERVED_IDENTITY_NAMES = frozenset({"-"})
 MAX_IDENTITY_NAME = 128
 _HASHED_PREFIX = "sha256:"
 _HEX64_RE = re.compile(r"[0-9a-fA-F]{64}")
-_SHOW_LIMIT = 80
 
 
 def load_policy_file(path: str | os.PathLike[str]) -> Policy:
@@ -65,9 +63,14 @@ def load_policy_text(text: str, source: str = "<policy>") -> Policy:
     """Validate and compile policy text; raise PolicyError listing every problem."""
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:12]
     data, problems = _parse_yaml(text, source)
-    policy = _Compiler(problems).compile(data, digest)
+    compiler = _Compiler(problems)
+    policy = compiler.compile(data, digest)
     if problems or policy is None:
         raise PolicyError(problems, source)
+    # The tests: section is judged only against a policy that is otherwise valid.
+    failures = run_tests(policy, compiler.tests)
+    if failures:
+        raise PolicyError(failures, source)
     return policy
 
 
@@ -110,7 +113,7 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, list[str]]:
         problems = _duplicate_keys(loader, node)
         return loader.construct_document(node), problems
     except yaml.MarkedYAMLError as err:
-        raise PolicyError([_yaml_message(err)], source) from None
+        raise _yaml_error(err, text, source) from None
     except yaml.YAMLError as err:
         raise PolicyError([f"invalid YAML: {err}"], source) from None
     except RecursionError:
@@ -119,13 +122,61 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, list[str]]:
         loader.dispose()
 
 
-def _yaml_message(err: yaml.MarkedYAMLError) -> str:
+def _yaml_error(err: yaml.MarkedYAMLError, text: str, source: str) -> PolicyError:
+    """A YAML syntax error: one problem, at the line and column the parser names, with a
+    hint when it is one of the classic mistakes."""
     mark = err.problem_mark or err.context_mark
     what = ": ".join(part for part in (err.context, err.problem) if part) or "syntax error"
     what = " ".join(what.split())  # one line, whatever the parser put in its message
-    if mark is None:
-        return f"invalid YAML: {what}"
-    return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {what}"
+    hint = _yaml_hint(err, _yaml_lines(text))
+    problem = f"invalid YAML: {what}" + (f"; hint: {hint}" if hint else "")
+    position = None if mark is None else (mark.line + 1, mark.column + 1)
+    return PolicyError([problem], source, position)
+
+
+# The line breaks YAML counts lines by (str.splitlines knows more, e.g. form feed).
+_YAML_LINE_BREAK_RE = re.compile(r"\r\n|[\r\n\x85\u2028\u2029]")
+# An alias as written: "*" and what follows up to a space or a flow indicator.
+_ALIAS_TOKEN_RE = re.compile(r"\*[^\s,\[\]{}#]*")
+
+
+def _yaml_lines(text: str) -> list[str]:
+    return _YAML_LINE_BREAK_RE.split(text)
+
+
+def _char_at(lines: list[str], mark: Any) -> str:
+    """The character `mark` points at ("" past the end of a line or the text)."""
+    if mark is None or mark.line >= len(lines):
+        return ""
+    return lines[mark.line][mark.column : mark.column + 1]
+
+
+def _yaml_hint(err: yaml.MarkedYAMLError, lines: list[str]) -> str | None:
+    """What to do about the two mistakes that account for most broken policy files, when
+    the parser's error and the offending text show it is one of them (never a guess):
+
+    - an unquoted wildcard, ``- *.example.com``: YAML reads a leading ``*`` as an alias
+      (libyaml: "while scanning an alias: did not find expected alphabetic or numeric
+      character"; a name such as ``*example`` is "found undefined alias");
+    - a tab in the indentation ("found character that cannot start any token" at a tab,
+      or "found a tab character that violates indentation").
+    """
+    problem = err.problem or ""
+    if "tab character" in problem or _char_at(lines, err.problem_mark) == "\t":
+        return "indent with spaces; YAML does not allow tabs"
+    if err.context == "while scanning an alias":
+        star = err.context_mark
+    elif problem.startswith("found undefined alias"):
+        star = err.problem_mark
+    else:
+        return None
+    if _char_at(lines, star) != "*":
+        return None
+    token = _ALIAS_TOKEN_RE.match(lines[star.line], star.column)
+    # An alias name is letters, digits, "-" and "_": with a dot it can only be a host name.
+    if token is None or "." not in token.group():
+        return None
+    return f'quote wildcard entries, "{token.group()}" (YAML reads a leading * as an alias)'
 
 
 def _duplicate_keys(loader: Any, root: Node) -> list[str]:
@@ -178,38 +229,6 @@ def _where(path: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in path)
 
 
-def _show(value: Any) -> str:
-    """A one-line, bounded rendering of a (non-secret) value for messages."""
-    text = repr(value)
-    return text if len(text) <= _SHOW_LIMIT else text[: _SHOW_LIMIT - 3] + "..."
-
-
-_TYPE_NAMES = {
-    type(None): "nothing",
-    dict: "a mapping",
-    list: "a list",
-    str: "a string",
-    bool: "a boolean",
-    int: "an integer",
-    float: "a number",
-}
-
-
-def _type_name(value: Any) -> str:
-    return _TYPE_NAMES.get(type(value), type(value).__name__)
-
-
-def _unknown_keys(where: str, raw: Mapping[Any, Any], known: tuple[str, ...]) -> list[str]:
-    problems = []
-    for key in raw:
-        if key in known:
-            continue
-        hint = difflib.get_close_matches(str(key), known, n=1)
-        suggestion = f" (did you mean {hint[0]!r}?)" if hint else f" (expected one of: {', '.join(known)})"
-        problems.append(f"{where}unknown key {_show(key)}{suggestion}")
-    return problems
-
-
 def _bad_text(value: str) -> bool:
     """Whitespace, control or format characters: invisible in logs, or able to fake a line."""
     if value.isascii():
@@ -227,6 +246,8 @@ class _Compiler:
         self.problems = problems
         # digest -> (identity name, index) of the first key with that digest
         self.keys: dict[bytes, tuple[str, int]] = {}
+        # the tests: section, validated (run by load_policy_text once the policy compiled)
+        self.tests: tuple[Expectation, ...] = ()
 
     def compile(self, data: Any, digest: str) -> Policy | None:
         problems = self.problems
@@ -255,10 +276,13 @@ class _Compiler:
             identity = self.identity(name, raw)
             if identity is not None:
                 identities[name] = identity
+        self.tests, found = parse_tests(data.get("tests"), raw_identities, self.keys)
+        problems.extend(found)
         if problems:
             return None
         key_digests = {d: name for d, (name, _) in self.keys.items()}
-        return Policy(identities=identities, key_digests=key_digests, forbidden=forbidden, digest=digest)
+        return Policy(identities=identities, key_digests=key_digests, forbidden=forbidden, digest=digest,
+                      test_count=len(self.tests))
 
     def settings(self, raw: Any) -> ForbiddenRanges:
         if raw is None:

@@ -12,13 +12,14 @@ does not depend on the number of rules or keys:
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import hmac
 from array import array
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .addresses import (
     DEFAULT_FORBIDDEN,
@@ -43,16 +44,68 @@ class PolicyError(Exception):
 
     Problems name the identity and the offending entry, never an API key value; they do
     not repeat the file name, which is `source` (str() puts it in front, once).
+    `position` is the (line, column), both from 1, that the problems point at when there
+    is one place to point at (a YAML syntax error): str() then starts ``source:L:C:``, the
+    form editors and CI annotations jump to.
     """
 
-    def __init__(self, problems: Iterable[str], source: str | None = None) -> None:
+    def __init__(self, problems: Iterable[str], source: str | None = None,
+                 position: tuple[int, int] | None = None) -> None:
         self.problems: tuple[str, ...] = tuple(problems) or ("invalid policy",)
         self.source = source
+        self.position = position
         super().__init__(*self.problems)
+
+    def where(self, source: str | None = None) -> str:
+        """``source``, or ``source:L:C`` with a position (`source` defaults to the error's)."""
+        source = self.source if source is None else source
+        if self.position is None:
+            return source or ""
+        line, column = self.position
+        return f"{source}:{line}:{column}" if source else f"{line}:{column}"
 
     def __str__(self) -> str:
         joined = "; ".join(self.problems)
-        return f"{self.source}: {joined}" if self.source else joined
+        where = self.where()
+        return f"{where}: {joined}" if where else joined
+
+
+# Problem wording, shared by load.py and expectations.py: values appear in problems only
+# through these (bounded, one line), and never an API key.
+
+_SHOW_LIMIT = 80
+
+
+def _show(value: Any) -> str:
+    """A one-line, bounded rendering of a (non-secret) value for messages."""
+    text = repr(value)
+    return text if len(text) <= _SHOW_LIMIT else text[: _SHOW_LIMIT - 3] + "..."
+
+
+_TYPE_NAMES = {
+    type(None): "nothing",
+    dict: "a mapping",
+    list: "a list",
+    str: "a string",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+}
+
+
+def _type_name(value: Any) -> str:
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def _unknown_keys(where: str, raw: Mapping[Any, Any], known: tuple[str, ...]) -> list[str]:
+    problems = []
+    for key in raw:
+        if key in known:
+            continue
+        hint = difflib.get_close_matches(str(key), known, n=1)
+        suggestion = f" (did you mean {hint[0]!r}?)" if hint else f" (expected one of: {', '.join(known)})"
+        problems.append(f"{where}unknown key {_show(key)}{suggestion}")
+    return problems
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,13 +327,15 @@ class Policy:
 
     `key_digests` maps the SHA-256 digest of every API key to its identity's name; keys
     themselves are never held. `digest` is a short hash of the source text, a version
-    string for logs.
+    string for logs. `test_count` is how many entries of the file's `tests:` section the
+    policy passed when it was loaded (policy/expectations.py).
     """
 
     identities: Mapping[str, Identity]
     key_digests: Mapping[bytes, str] = field(repr=False)
     forbidden: ForbiddenRanges = DEFAULT_FORBIDDEN
     digest: str = ""
+    test_count: int = 0
     _keys: Mapping[bytes, tuple[bytes, Identity]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

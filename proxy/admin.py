@@ -2,6 +2,9 @@
 
 `/health` is liveness (the process answers), `/ready` is readiness (a policy is in
 force and the proxy is not draining), `/metrics` is Prometheus text.
+
+`/ready` names the policy digest in force and, while the newest policy file is
+rejected, why (`rejected`): still 200, because the last good policy keeps serving.
 """
 
 from __future__ import annotations
@@ -11,7 +14,11 @@ from typing import Any, Callable, Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-def admin_app(guard_ref: Callable[[], Any], registry: CollectorRegistry) -> Callable:
+def admin_app(guard_ref: Callable[[], Any], registry: CollectorRegistry,
+              rejected: Callable[[], str | None] = lambda: None) -> Callable:
+    """`guard_ref`: the Admission once serving (None before); `rejected`: why the newest
+    policy file was refused, if it was."""
+
     def app(environ: dict, start_response: Callable) -> list[bytes]:
         path, method = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "GET")
         if method not in ("GET", "HEAD"):
@@ -24,7 +31,11 @@ def admin_app(guard_ref: Callable[[], Any], registry: CollectorRegistry) -> Call
                 return _reply(start_response, "503 Service Unavailable", {"status": "not ready", "reason": "no policy loaded"})
             if guard.draining:
                 return _reply(start_response, "503 Service Unavailable", {"status": "not ready", "reason": "draining"})
-            return _reply(start_response, "200 OK", {"status": "ready", "policy": guard.policy.digest})
+            payload: dict[str, Any] = {"status": "ready", "policy": guard.policy.digest}
+            why = rejected()
+            if why is not None:
+                payload["rejected"] = why
+            return _reply(start_response, "200 OK", payload)
         if path == "/metrics":
             body = generate_latest(registry)
             start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(body)))])

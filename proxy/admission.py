@@ -110,14 +110,30 @@ class Admission:
                               alert=tls.ACCESS_DENIED if flow.tls else None)
 
     def refuse(self, client: Stream, flow: Flow, refusal: Refusal) -> None:
-        """Record a refusal and tell the client (the one place that does both)."""
-        self.records.decision(flow, refusal.status, refusal.reason, error=refusal.error, level=refusal.level)
+        """Record a refusal and tell the client (the one place that does both).
+
+        A request that report mode let through although enforcement would deny it stays
+        `reported` whatever stops it later (the destination is down, the name does not
+        resolve, the client goes quiet): the reported count must show every dependency
+        that enforcing would break. The later failure goes in the line's `error`. Only a
+        refusal report mode never relaxes (authentication, a forbidden address) is
+        recorded as itself: the client was refused, as it would be under enforcement.
+        """
+        status, reason, error = refusal.status, refusal.reason, refusal.error
+        if flow.status == Status.REPORTED and status not in _ENFORCED:
+            error = f"{reason}: {error}" if error else reason
+            status, reason = Status.REPORTED, flow.reason
+        self.records.decision(flow, status, reason, error=error, level=refusal.level)
         answer = refusal.answer(flow.established)
         if answer and not refusal.answered:
             try:
                 client.send_all(answer)
             except OSError:
                 pass
+
+
+# Refusals that stand in report mode too (see policy/decide.py): recorded as themselves.
+_ENFORCED = frozenset({Status.DENIED, Status.AUTH_REQUIRED, Status.SNI_MISMATCH})
 
 
 def refused_by(current: Policy, flow: Flow) -> str | None:
@@ -166,9 +182,10 @@ def open_upstream(current: Policy, identity: Identity, flow: Flow, resolve: Reso
         try:
             addresses = tuple(unwrap(a) for a in resolve(host.name, timeout))
         except ResolveError as error:
-            raise Refusal.answer_http(502, f"could not resolve {host.name}", error=str(error)) from None
+            raise Refusal.answer_http(502, f"could not resolve {host.name}", error=str(error),
+                                      kind=error.kind) from None
         if not addresses:
-            raise Refusal.answer_http(502, f"could not resolve {host.name}", error="no addresses")
+            raise Refusal.answer_http(502, f"could not resolve {host.name}", error="no addresses", kind="dns_error")
     verdict = judge(current, flow.key, flow.question(addresses), identity, prior=flow.verdict)
     apply(flow, verdict)
     flow.verdict = verdict

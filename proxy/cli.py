@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Sequence
 
 import policy
 from policy import PolicyError
 from policy.load import warnings as policy_warnings
+from policy.addresses import IPAddress
+from proxy.dial import load_hosts_file
 from proxy.settings import defaults_table
 from wire import http
 
@@ -23,8 +26,9 @@ def _load(path: str) -> policy.Policy | None:
     try:
         return policy.load_policy_file(path)
     except PolicyError as error:
+        where = error.where(path)  # path:LINE:COLUMN for a YAML syntax error
         for problem in error.problems:
-            print(f"{path}: {problem}", file=sys.stderr)
+            print(f"{where}: {problem}", file=sys.stderr)
         return None
 
 
@@ -35,37 +39,65 @@ def check_policy(path: str) -> int:
         return 1
     for warning in policy_warnings(current):
         print(f"{path}: warning: {warning}", file=sys.stderr)
+    tests = current.test_count
+    passed = f", {tests} test{'' if tests == 1 else 's'} passed" if tests else ""
     print(f"{path}: ok: {len(current.identities)} identities, {current.key_count} API keys, "
-          f"{current.destination_count} destinations")
+          f"{current.destination_count} destinations{passed}")
     return 0
 
 
-def explain(path: str, key: str, dest: str, sni: str | None) -> int:
-    """`explain FILE --key KEY --dest HOST:PORT [--sni NAME]`: the decision, offline.
+def explain(path: str, key: str | None, dest: str, sni: str | None, *, identity_name: str | None = None,
+            addresses: Sequence[str] = (), http_request: bool = False, hosts_file: str | None = None) -> int:
+    """`explain FILE (--key KEY | --identity NAME) --dest HOST:PORT [--sni NAME]
+    [--address IP]... [--http]`: the decision, offline.
 
-    The same check list as the live proxy (`policy.judge`), with what is known here: an
-    IP target is its own address; a name is not resolved (noted instead).
+    The same check list as the live proxy (`policy.judge`), with what the live proxy
+    would know: an IP target is its own address; a name's addresses are the `--address`
+    values, else its HOSTS_FILE entry (as the server reads it), else unknown (noted:
+    names are never resolved here). `--http` judges a plain-HTTP `http://` request.
     """
     current = _load(path)
     if current is None:
         return 2
+    if http_request and dest[:7].lower() == "http://":
+        dest = _url_hint(dest).rpartition("--dest ")[2]  # an http:// URL, as the client sends it
+    if "://" in dest:
+        print(f"invalid --dest {dest!r}: give HOST:PORT, not a URL (for {_url_hint(dest)}); "
+              "add --http for an http:// URL the client sends to the proxy as plain HTTP", file=sys.stderr)
+        return 2
     try:
-        host, port = http.parse_authority(dest, default_port=443)
+        host, port = http.parse_authority(dest, default_port=80 if http_request else 443)
     except http.HeadError as error:
         print(f"invalid --dest {dest!r}: {error.message} (the proxy answers 400)", file=sys.stderr)
         return 2
-    question = policy.Question(host, port, addresses=(host.ip,) if host.ip is not None else None,
+    if http_request and sni is not None:
+        print("--sni and --http do not go together: a plain-HTTP request carries no TLS", file=sys.stderr)
+        return 2
+    resolved, source = _addresses(host, addresses, hosts_file)
+    if isinstance(resolved, str):
+        print(resolved, file=sys.stderr)
+        return 2
+    question = policy.Question(host, port, http=http_request, addresses=resolved,
                                tls=True if sni is not None else None, sni=sni)
-    verdict = policy.judge(current, key, question)
+    identity = None
+    if identity_name is not None:
+        identity = current.identities.get(identity_name)
+        if identity is None:
+            known = ", ".join(sorted(current.identities)[:20])
+            print(f"unknown identity {identity_name!r} (the policy has: {known})", file=sys.stderr)
+            return 2
+    verdict = policy.judge(current, key, question, identity)
     identity = verdict.identity
     if identity is None:
         print("denied\nidentity: -\nreason: unknown API key (the proxy answers 407)")
         return 1
     notes = []
-    if host.ip is None:
-        notes.append(f"{host.name} is not resolved here: each address it resolves to must also be "
-                     "outside the forbidden ranges (unless allowed by IP/CIDR)")
-    if sni is None and host.ip is None and identity.require_tls:
+    if source:
+        notes.append(f"addresses of {host.name} from {source}: {', '.join(str(a) for a in resolved or ())}")
+    elif host.ip is None:
+        notes.append(f"{host.name} is not resolved here (give --address, or HOSTS_FILE): each address it "
+                     "resolves to must also be outside the forbidden ranges (unless allowed by IP/CIDR)")
+    if sni is None and host.ip is None and identity.require_tls and not http_request:
         notes.append(f"the TLS ClientHello must carry SNI {host.name}")
     refusal = verdict.refusal
     lines = ["denied" if refusal is not None else "allowed", f"identity: {identity.name}"]
@@ -78,6 +110,46 @@ def explain(path: str, key: str, dest: str, sni: str | None) -> int:
     lines += [f"note: {note}" for note in notes]
     print("\n".join(lines))
     return 1 if refusal is not None else 0
+
+
+def _url_hint(url: str) -> str:
+    """`https://api.example.com/v1` -> `... use --dest api.example.com:443`."""
+    scheme, _, rest = url.partition("://")
+    authority = rest.split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
+    port = {"https": 443, "http": 80}.get(scheme.lower())
+    if not authority or port is None:
+        return f"{url} give the host and port the client CONNECTs to"
+    has_port = authority.rpartition("]")[2].count(":") == 1 if authority.startswith("[") else ":" in authority
+    return f"{url} use --dest {authority if has_port else f'{authority}:{port}'}"
+
+
+def _addresses(host: policy.Host, given: Sequence[str], hosts_file: str | None
+               ) -> tuple[tuple[IPAddress, ...] | None | str, str]:
+    """(the addresses the check list judges, where they came from), or (a problem, "")."""
+    if host.ip is not None:
+        if given:
+            return f"--address is for a name; {host.name} is an address already", ""
+        return (host.ip,), ""
+    if given:
+        found = []
+        for text in given:
+            try:
+                address = policy.parse_host(text).ip
+            except policy.HostError as error:
+                return f"invalid --address {text!r}: {error}", ""
+            if address is None:
+                return f"invalid --address {text!r}: not an IP address", ""
+            found.append(policy.unwrap(address))
+        return tuple(found), "--address"
+    if hosts_file:
+        try:
+            table = load_hosts_file(hosts_file)
+        except (OSError, ValueError) as error:
+            return f"cannot load HOSTS_FILE: {error}", ""
+        pinned = table.get(host.name)
+        if pinned:
+            return tuple(policy.unwrap(a) for a in pinned), f"HOSTS_FILE {hosts_file}"
+    return None, ""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     why = commands.add_parser("explain", help="show how a policy judges one request, offline "
                                               "(exit 0 allowed, 1 denied, 2 bad input)")
     why.add_argument("file", help="policy YAML file")
-    why.add_argument("--key", required=True, help="the API key (Basic username) the client sends")
-    why.add_argument("--dest", required=True, help="the CONNECT target, HOST:PORT or [IPv6]:PORT")
+    who = why.add_mutually_exclusive_group(required=True)
+    who.add_argument("--key", help="the API key (Basic username) the client sends")
+    who.add_argument("--identity", help="the identity's name in the policy (instead of a key)")
+    why.add_argument("--dest", required=True, help="the CONNECT target, HOST:PORT or [IPv6]:PORT "
+                                                   "(with --http: the http:// URL's host and port)")
     why.add_argument("--sni", help="the SNI the client's TLS ClientHello carries")
+    why.add_argument("--address", action="append", default=[], metavar="IP",
+                     help="an address the name resolves to (repeatable); default: its HOSTS_FILE entry")
+    why.add_argument("--http", action="store_true",
+                     help="judge a plain-HTTP request for an http:// URL (allow_http) instead of a CONNECT")
     return parser

@@ -33,7 +33,12 @@ Resolver = Callable[[str, float], list[Address]]
 
 
 class ResolveError(Exception):
-    """The name did not resolve; str() says why (for the log, not the client)."""
+    """The name did not resolve; str() says why (for the log, not the client); `kind`
+    is the RFC 9209 error type (`dns_timeout` or `dns_error`)."""
+
+    def __init__(self, message: str, kind: str = "dns_error") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def load_hosts_file(path: str) -> dict[str, list[Address]]:
@@ -75,7 +80,7 @@ def system_resolver(hosts: dict[str, list[Address]]) -> Resolver:
             with gevent.Timeout(timeout):
                 infos = socket.getaddrinfo(name, None, socket.AF_UNSPEC, socket.SOCK_STREAM)
         except gevent.Timeout:
-            raise ResolveError("DNS lookup timed out") from None
+            raise ResolveError("DNS lookup timed out", "dns_timeout") from None
         except (OSError, UnicodeError) as error:
             raise ResolveError(str(error)) from None
         seen: list[Address] = []
@@ -90,10 +95,23 @@ def system_resolver(hosts: dict[str, list[Address]]) -> Resolver:
     return resolve
 
 
+# RFC 9209 error types of connect() failures (Proxy-Status); others: destination_unavailable.
+_CONNECT_KINDS = {
+    errno.ECONNREFUSED: "connection_refused",
+    errno.ETIMEDOUT: "connection_timeout",
+    errno.EHOSTUNREACH: "destination_ip_unroutable",
+    errno.ENETUNREACH: "destination_ip_unroutable",
+}
+
+
 def dial(flow: Flow, addresses: Sequence[Address], port: int, sweeper: Sweeper, timeout: float) -> Stream:
     """Connect to the first vetted address that answers within `timeout` seconds in all;
-    the Stream is also left in `flow.upstream` (where the sweeper finds its wait)."""
-    failure = "no address to connect to"
+    the Stream is also left in `flow.upstream` (where the sweeper finds its wait).
+
+    On failure the refusal's `error` names each address tried and why it failed
+    (`127.0.0.1:8443: Connection refused`), and `flow.address` is the last one tried."""
+    failures: list[str] = []
+    kind = "destination_unavailable"
     sweeper.arm(flow, timeout)
     try:
         for address in addresses:
@@ -113,10 +131,14 @@ def dial(flow: Flow, addresses: Sequence[Address], port: int, sweeper: Sweeper, 
                 flow.address = address
                 return stream
             flow.upstream = None
+            flow.address = address  # for the record: the address that failed last
             stream.close()
-            failure = "connect timed out" if error == errno.ETIMEDOUT else os.strerror(error)
+            why = "connect timed out" if error == errno.ETIMEDOUT else os.strerror(error)
+            failures.append(f"[{address}]:{port}: {why}" if address.version == 6 else f"{address}:{port}: {why}")
+            kind = _CONNECT_KINDS.get(error, "destination_unavailable")
             if error == errno.ETIMEDOUT and not flow.deadline:
                 break  # the whole CONNECT_TIMEOUT is spent
     finally:
         sweeper.disarm(flow)
-    raise Refusal.answer_http(502, "could not connect to the destination", error=failure)
+    raise Refusal.answer_http(502, "could not connect to the destination",
+                              error="; ".join(failures) or "no address to connect to", kind=kind)

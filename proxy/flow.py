@@ -12,6 +12,8 @@ keep an old policy snapshot alive after a reload.
 
 from __future__ import annotations
 
+import itertools
+import os
 import socket
 import time
 from typing import Any
@@ -21,13 +23,23 @@ from policy.addresses import IPAddress as Address
 
 UNAUTHENTICATED = "-"  # the identity of a request before (or without) authentication
 
+# Connection ids: a per-process prefix (so two replicas' or two runs' ids differ) and a
+# counter, e.g. "3fa9c1-17": short to read and to grep, unique within the logs of a fleet.
+_PREFIX = os.urandom(3).hex() + "-"
+_serial = itertools.count(1)
+
+
+def connection_id() -> str:
+    """A new client connection's id (the `conn` field of its log lines)."""
+    return _PREFIX + str(next(_serial))
+
 
 class Flow:
     """What one request has established so far, and its traffic once admitted."""
 
     __slots__ = (
         # the request
-        "client", "method", "key", "host", "port", "http",
+        "conn", "client", "method", "key", "host", "port", "http",
         # the decision so far
         "identity", "status", "reason", "rule", "address", "tls", "sni", "established", "verdict",
         # once admitted
@@ -37,7 +49,8 @@ class Flow:
         "deadline", "seen", "quiet_since",
     )
 
-    def __init__(self, client: str) -> None:
+    def __init__(self, client: str, conn: str = "") -> None:
+        self.conn = conn or connection_id()  # the client connection's id in every line about it
         self.client = client  # "address:port" of the client, as logged
         self.method = ""
         self.key: str | None = None  # kept only to re-authenticate on reload; never logged (see __repr__)

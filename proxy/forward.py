@@ -68,12 +68,14 @@ class Broken(Exception):
     """One side of an exchange failed. `side` is "client" or "origin"; `status` is what
     to answer if no response has been sent yet (None: nothing, the client is gone)."""
 
-    def __init__(self, side: str, message: str, status: int | None = None, *, idle: bool = False) -> None:
+    def __init__(self, side: str, message: str, status: int | None = None, *, idle: bool = False,
+                 kind: str | None = None) -> None:
         super().__init__(message)
         self.side = side
         self.message = message
         self.status = status
         self.idle = idle  # ended by IDLE_TIMEOUT rather than by the peer
+        self.kind = kind  # the RFC 9209 error type of the answer (None: the status's usual one)
 
 
 class Side:
@@ -98,18 +100,23 @@ class Side:
                 if time.monotonic() - self.flow.last < self.idle:
                     continue
                 raise Broken(self.name, f"no data from the {self.name} within IDLE_TIMEOUT",
-                             408 if self.is_client else 502, idle=True) from None
+                             408 if self.is_client else 502, idle=True,
+                             kind=None if self.is_client else "http_response_timeout") from None
             except OSError as error:
                 raise Broken(self.name, f"reading from the {self.name}: {_why(error)}",
-                             None if self.is_client else 502) from None
+                             None if self.is_client else 502, kind="connection_terminated") from None
 
     def send(self, data: bytes) -> None:
         try:
             self.sock.sendall(data)
         except OSError as error:
             raise Broken(self.name, f"writing to the {self.name}: {_why(error)}",
-                         None if self.is_client else 502) from None
+                         None if self.is_client else 502, kind="connection_terminated") from None
         self.flow.add(self.upstream, len(data))
+
+
+# The RFC 9209 error type of an origin's failure that names none more precisely.
+_ORIGIN_KIND = {"origin": "http_protocol_error"}
 
 
 def _why(error: OSError) -> str:
@@ -174,16 +181,17 @@ def read_response(origin: Side, buffered: bytes) -> tuple[Response, bytes]:
             try:
                 return parse_response_head(buf[:end]), buf[end:]
             except FramingError as error:
-                raise Broken("origin", str(error), 502) from None
+                raise Broken("origin", str(error), 502, kind="http_protocol_error") from None
         if len(buf) > MAX_RESPONSE_HEAD:
             break
         scanned = len(buf)
         data = origin.recv(CHUNK)
         if not data:
             raise Broken("origin", "the origin closed without a complete response" if buf
-                         else "the origin closed without responding", 502)
+                         else "the origin closed without responding", 502, kind="connection_terminated")
         buf += data
-    raise Broken("origin", f"response head from the origin larger than {MAX_RESPONSE_HEAD} bytes", 502)
+    raise Broken("origin", f"response head from the origin larger than {MAX_RESPONSE_HEAD} bytes", 502,
+                 kind="http_response_header_section_size")
 
 
 class Upload:
@@ -296,12 +304,13 @@ class Exchange:
             if not self.responded and broken.status is not None:
                 self.status = broken.status
                 try:
-                    self.client.sock.sendall(response(broken.status, broken.message))
+                    self.client.sock.sendall(response(broken.status, broken.message, (),
+                                                      broken.kind or _ORIGIN_KIND.get(broken.side)))
                 except OSError:
                     pass
         except Exception as unexpected:  # a bug must end this connection, not the server
             error = f"internal error: {type(unexpected).__name__}"
-            log.exception("forwarding failed", extra={"identity": self.flow.identity})
+            log.exception("forwarding failed", extra={"conn": self.flow.conn, "identity": self.flow.identity})
         finally:
             unread = upload is not None and not upload.complete
             if upload is not None and not upload.greenlet.dead:
@@ -355,15 +364,17 @@ class Exchange:
             if response.status >= 200:
                 break
             if response.status == 101:
-                raise Broken("origin", "the origin switched protocols although no upgrade was requested", 502)
+                raise Broken("origin", "the origin switched protocols although no upgrade was requested", 502,
+                             kind="http_protocol_error")
             if request.version == "HTTP/1.1":  # 1xx are never sent to an HTTP/1.0 client
                 self.client.send(client_head(response, keep_alive=True, client_version=request.version))
         else:
-            raise Broken("origin", f"more than {MAX_INTERIM} interim responses from the origin", 502)
+            raise Broken("origin", f"more than {MAX_INTERIM} interim responses from the origin", 502,
+                         kind="http_protocol_error")
         try:
             body = response_framing(request.method, response.status, response.headers)
         except FramingError as error:
-            raise Broken("origin", str(error), 502) from None
+            raise Broken("origin", str(error), 502, kind="http_protocol_error") from None
         dechunk = body.kind == "chunked" and request.version == "HTTP/1.0"
         keep = (wants_persistence(request) and body.delimited and not dechunk
                 and not self.admission.draining and (upload is None or not upload.greenlet.dead or upload.complete))

@@ -16,9 +16,11 @@ first flight may idle for `IDLE_TIMEOUT`, like a tunnel.
 from __future__ import annotations
 
 import logging
+import re
 import socket as _socket
 
 from policy import Status
+from policy.decide import REASON_TLS_REQUIRED
 from proxy.deadlines import Deadline, Sweeper
 from proxy.flow import Flow
 from proxy.refusal import Refusal
@@ -42,7 +44,7 @@ def first_flight(client: Stream, upstream: Stream, buffered: bytes, flight: Firs
             sweeper.arm(flow, hello_timeout)
             armed = True
         if buffered:
-            _forward(upstream, flight.client(buffered), flow, True)
+            _forward(upstream, _client(flight, buffered), flow, True)
         server_open = True
         while not flight.done:
             hello_pending = flight.hello is None and not flight.client_done
@@ -78,7 +80,7 @@ def first_flight(client: Stream, upstream: Stream, buffered: bytes, flight: Firs
             if not armed and not flight.started and data[:1] == b"\x16":
                 sweeper.arm(flow, hello_timeout)  # a hello began: it must be finished in time
                 armed = True
-            _forward(upstream, flight.client(data), flow, True)
+            _forward(upstream, _client(flight, data), flow, True)
     except FlightError as error:
         raise _refusal(error, flight) from None
     finally:
@@ -105,7 +107,7 @@ class LateFirstBytes:
         flight = self.flight
         assert flight is not None
         try:
-            out = flight.client(data)
+            out = _client(flight, data)
         except FlightError as error:
             raise _refusal(error, flight) from None
         if flight.hello is not None or flight.client_done:
@@ -113,6 +115,31 @@ class LateFirstBytes:
             self.done = True
             self.flight = None  # its judge holds the policy snapshot: not for the tunnel's life
         return out
+
+
+def _client(flight: FirstFlight, data: bytes) -> bytes:
+    """`flight.client(data)`; a client refused for speaking plain HTTP into a tunnel
+    that requires TLS (a client that CONNECTs even for http:// URLs, as Node's undici
+    does) is told so in HTTP, the protocol it speaks, and the log names it."""
+    first = not flight.started
+    try:
+        return flight.client(data)
+    except Refusal as refusal:
+        method = plain_http_method(data) if first else None
+        if method is not None and refusal.reason == REASON_TLS_REQUIRED:
+            refusal.reason = (f"{REASON_TLS_REQUIRED}: the client sent a plain-HTTP request ({method}) "
+                              "into the tunnel; use an https:// URL, or require_tls: false for this identity")
+            refusal.inner_http = True
+        raise
+
+
+_METHOD = re.compile(rb"([A-Z]{3,10}) [!-~]")
+
+
+def plain_http_method(data: bytes) -> str | None:
+    """The method, if `data` starts like an HTTP/1 request line (`GET /path ...`)."""
+    found = _METHOD.match(data)
+    return found.group(1).decode() if found else None
 
 
 def _forward(sink: Stream, data: bytes, flow: Flow, upstream: bool) -> None:

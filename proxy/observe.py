@@ -298,7 +298,8 @@ class Records:
             handler, formatter = direct
             q = _quote
             line = (f'{{"timestamp": "{formatter.rfc3339(time.time())}", "level": "{logging.getLevelName(level)}", '
-                    f'"message": "request", "client": {q(flow.client)}, "method": {q(flow.method)}, '
+                    f'"message": "request", "conn": {q(flow.conn)}, "client": {q(flow.client)}, '
+                    f'"method": {q(flow.method)}, '
                     f'"identity": {q(flow.identity)}, "destination": {q(flow.destination)}, '
                     f'"action": {q(status)}, "reason": {q(reason)}')
             if flow.address is not None:
@@ -310,6 +311,7 @@ class Records:
             handler.write_line(line + "}")
             return
         fields = {
+            "conn": flow.conn,
             "client": flow.client,
             "method": flow.method,
             "identity": flow.identity,
@@ -351,11 +353,12 @@ class Records:
             q = _quote
             handler.write_line(
                 f'{{"timestamp": "{formatter.rfc3339(time.time())}", "level": "INFO", "message": "tunnel closed", '
-                f'"identity": {q(flow.identity)}, "destination": {q(flow.destination)}, "bytes_up": {flow.up}, '
+                f'"conn": {q(flow.conn)}, "identity": {q(flow.identity)}, "destination": {q(flow.destination)}, "bytes_up": {flow.up}, '
                 f'"bytes_down": {flow.down}, "duration_ms": {float.__repr__(round(duration * 1000, 1))}, '
                 f'"ended_by": {q(ended_by)}}}')
             return
         events.write(logging.INFO, "tunnel closed", {
+            "conn": flow.conn,
             "identity": flow.identity,
             "destination": flow.destination,
             "bytes_up": flow.up,
@@ -367,6 +370,7 @@ class Records:
     def forwarded(self, flow: Flow, status_code: int, keep_alive: bool, error: str | None) -> None:
         self.flush_bytes(flow)
         fields = {
+            "conn": flow.conn,
             "client": flow.client,
             "method": flow.method,
             "identity": flow.identity,
@@ -386,6 +390,7 @@ class Records:
     def revoked(self, flow: Flow, why: str) -> None:
         self.metrics.revoked.labels(flow.identity).inc()
         self.log.warning("tunnel revoked by policy reload", extra={
+            "conn": flow.conn,
             "identity": flow.identity,
             "destination": flow.destination,
             "action": "denied",

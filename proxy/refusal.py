@@ -15,6 +15,7 @@ import logging
 from typing import Iterable, Sequence
 
 from policy import Decision, Status
+from policy.decide import REASON_AUTH_MISSING, REASON_FORBIDDEN_ADDRESS, REASON_NO_ADDRESSES
 from wire import tls
 from wire.http import ALLOWED_METHODS, HeadError
 from wire.message import FramingError
@@ -51,6 +52,25 @@ _WORDS = {
 }
 _HTTP = {Status.AUTH_REQUIRED: 407, Status.DENIED: 403, Status.SNI_MISMATCH: 403}
 
+# RFC 9209 error types (the `error` of the Proxy-Status header) an HTTP answer carries
+# when nothing more specific is known; dialling, resolving and the address check pass
+# their own (`Refusal(kind=...)`).
+_KINDS = {
+    400: "http_request_error",
+    403: "http_request_denied",
+    405: "http_request_error",
+    407: "http_request_denied",
+    408: "http_request_error",
+    429: "connection_limit_reached",
+    431: "http_request_error",
+    502: "destination_unavailable",
+    503: "connection_limit_reached",
+    504: "http_response_timeout",
+    505: "http_request_error",
+}
+PROXY_NAME = "egress-guard"  # this hop's name in Proxy-Status
+MAX_DETAILS = 256  # characters of the reason in Proxy-Status `details`
+
 
 class Refusal(Exception):
     """A request the proxy refuses: what to record and how to tell the client."""
@@ -66,6 +86,7 @@ class Refusal(Exception):
         error: str | None = None,
         headers: Sequence[tuple[str, str]] = (),
         level: int = logging.INFO,
+        kind: str | None = None,
     ) -> None:
         super().__init__(reason)
         self.status = status
@@ -76,23 +97,29 @@ class Refusal(Exception):
         self.error = error  # operator-facing detail for the log (e.g. an errno), never a secret
         self.headers = tuple(headers)
         self.level = level
+        self.kind = kind  # the RFC 9209 error type, when more specific than the HTTP status says
         self.answered = False  # the client was already told (by the pump)
+        self.inner_http = False  # refused inside the tunnel, where the client speaks HTTP: answer in HTTP
 
     @classmethod
     def answer_http(cls, code: int, reason: str, *, error: str | None = None,
-                    headers: Sequence[tuple[str, str]] = ()) -> Refusal:
+                    headers: Sequence[tuple[str, str]] = (), kind: str | None = None,
+                    level: int = logging.INFO) -> Refusal:
         """A refusal answered with HTTP status `code` (counted under its usual word)."""
         if code == 407:
             headers = (*headers, ("Proxy-Authenticate", REALM))
-        return cls(_WORDS[code], reason, http=code, error=error, headers=headers)
+        return cls(_WORDS[code], reason, http=code, error=error, headers=headers, kind=kind, level=level)
 
     def answer(self, established: bool) -> bytes:
         """The bytes that tell the client: an HTTP response before the 200, a TLS alert
-        after it, or nothing."""
+        after it, an HTTP 403 inside the tunnel to a client that spoke plain HTTP into it,
+        or nothing."""
         if not established and self.http is not None:
-            return response(self.http, self.reason, self.headers)
+            return response(self.http, self.reason, self.headers, self.kind)
         if established and self.alert is not None:
             return tls.alert(self.alert, self.version)
+        if established and self.inner_http:
+            return response(403, self.reason, (), self.kind)
         return b""
 
 
@@ -101,10 +128,21 @@ def from_decision(decision: Decision, *, established: bool = False, in_tls: bool
     """The refusal for a policy decision: HTTP before the tunnel opens; inside it, the
     TLS `access_denied` alert (record version `version`) if the client speaks TLS, else
     just the close."""
+    kind = kind_of(decision.reason)
     if established:
         alert = tls.ACCESS_DENIED if in_tls else None
-        return Refusal(decision.status, decision.reason, alert=alert, version=version)
-    return Refusal.answer_http(_HTTP.get(decision.status, 403), decision.reason)
+        return Refusal(decision.status, decision.reason, alert=alert, version=version, kind=kind)
+    # A client that sent no credentials at all is usually about to retry with them
+    # (git, and other libcurl users, wait for the 407 challenge): not worth an INFO line.
+    level = logging.DEBUG if decision.reason == REASON_AUTH_MISSING else logging.INFO
+    return Refusal.answer_http(_HTTP.get(decision.status, 403), decision.reason, kind=kind, level=level)
+
+
+def kind_of(reason: str) -> str | None:
+    """The RFC 9209 error type of a policy refusal whose HTTP status does not say it."""
+    if reason.startswith((REASON_FORBIDDEN_ADDRESS, REASON_NO_ADDRESSES)):
+        return "destination_ip_prohibited"
+    return None
 
 
 def from_parse_error(error: HeadError | FramingError) -> Refusal:
@@ -115,14 +153,18 @@ def from_parse_error(error: HeadError | FramingError) -> Refusal:
     return Refusal.answer_http(error.status, error.message, headers=headers)
 
 
-def response(status: int, message: str = "", headers: Iterable[tuple[str, str]] = ()) -> bytes:
-    """A complete HTTP/1.1 response; refusals carry a one-line text body."""
+def response(status: int, message: str = "", headers: Iterable[tuple[str, str]] = (),
+             kind: str | None = None) -> bytes:
+    """A complete HTTP/1.1 response; refusals carry a one-line text body and an RFC 9209
+    `Proxy-Status` header with the error type (`kind`, else the status's usual one) and
+    the same reason as the log line."""
     lines = [f"HTTP/1.1 {status} {REASON_PHRASES[status]}"]
     if status == 200:
         lines.append("")
         lines.append("")
         return "\r\n".join(lines).encode("latin-1")
     body = f"egress-guard: {message}\n".encode("utf-8")
+    lines.append(f"Proxy-Status: {proxy_status(kind or _KINDS[status], message)}")
     lines += [f"{name}: {value}" for name, value in headers]
     lines += [
         "Content-Type: text/plain; charset=utf-8",
@@ -132,6 +174,18 @@ def response(status: int, message: str = "", headers: Iterable[tuple[str, str]] 
         "",
     ]
     return "\r\n".join(lines).encode("latin-1") + body
+
+
+def proxy_status(kind: str, details: str) -> str:
+    """The Proxy-Status field value: this hop, the error type and the reason as an
+    sf-string (printable ASCII only, `"` and `\\` escaped; anything else becomes `?`),
+    bounded in length. A reason never holds a key; it may hold a name the client sent,
+    which is why it is made safe here, not trusted."""
+    text = details if len(details) <= MAX_DETAILS else details[: MAX_DETAILS - 3] + "..."
+    if not (text.isascii() and text.isprintable()):
+        text = "".join(ch if " " <= ch <= "~" else "?" for ch in text)
+    text = text.replace("\\", "\\\\").replace('"', '\\"')
+    return f'{PROXY_NAME}; error={kind}; details="{text}"'
 
 
 ESTABLISHED = response(200)

@@ -22,6 +22,7 @@ import gevent
 
 import policy
 from policy import Policy, PolicyError
+from policy.changes import Changes, changes
 from proxy.admission import Admission, refused_by
 
 log = logging.getLogger("egress_guard")
@@ -41,6 +42,9 @@ class Reloader:
         self._file_state = loaded  # the file as last read (loaded or refused)
         self._pending: str | None = None  # why another load was asked for meanwhile
         self._loading = False
+        # Why the newest file was refused, while the last good policy serves (None: the
+        # file in force is the newest); /ready reports it.
+        self.rejected: str | None = None
         self.metrics.policy_loaded(destination_counts(admission.policy))
 
     def file_state(self) -> FileState | None:
@@ -89,21 +93,31 @@ class Reloader:
         sys.setswitchinterval(0.001)
         gc.disable()
         try:
-            fresh = gevent.get_hub().threadpool.apply(_load_quietly, (self.path,))
+            old = self.admission.policy
+            loaded = gevent.get_hub().threadpool.apply(_load_quietly, (self.path, old))
         finally:
             gc.enable()
             sys.setswitchinterval(interval)
-        if isinstance(fresh, PolicyError):
+        if isinstance(loaded, PolicyError):
             self.metrics.load_errors.inc()
+            self.rejected = str(loaded)
             log.error("policy reload failed; keeping the last good policy",
-                      extra={"path": self.path, "trigger": why, "error": str(fresh)})
+                      extra={"path": self.path, "trigger": why, "policy": old.digest, "error": str(loaded)})
+            return False
+        self.rejected = None
+        fresh, changed = loaded
+        if changed is None:
+            # The same text (a touched file, a ConfigMap update that changed another
+            # key): nothing to swap, count or re-judge.
+            log.debug("policy file unchanged", extra={"path": self.path, "trigger": why, "policy": fresh.digest})
             return False
         self.admission.policy = fresh  # the old snapshot is freed when its last reference goes
+        del old
         self.metrics.reloads.inc()
         self.metrics.policy_loaded(destination_counts(fresh))
         log.info("policy reloaded", extra={
-            "path": self.path, "trigger": why, "policy": fresh.digest,
-            "identities": len(fresh.identities), "destinations": fresh.destination_count,
+            "path": self.path, "trigger": why, "policy": fresh.digest, "previous": changed[0],
+            "identities": len(fresh.identities), "destinations": fresh.destination_count, **changed[1].fields(),
         })
         self.revoke(fresh)
         return True
@@ -130,10 +144,14 @@ def destination_counts(current: Policy) -> dict[str, int]:
     return {name: identity.rule_count for name, identity in current.identities.items()}
 
 
-def _load_quietly(path: str) -> Policy | PolicyError:
-    """Runs in the thread pool: a PolicyError is returned, not raised, because gevent
-    prints a traceback for every exception that leaves a pool thread."""
+def _load_quietly(path: str, old: Policy) -> tuple[Policy, tuple[str, Changes] | None] | PolicyError:
+    """Runs in the thread pool: the new policy and how it differs from `old` (None: the
+    same text), computed here too, off the hub. A PolicyError is returned, not raised,
+    because gevent prints a traceback for every exception that leaves a pool thread."""
     try:
-        return policy.load_policy_file(path)
+        fresh = policy.load_policy_file(path)
     except PolicyError as error:
         return error
+    if fresh.digest == old.digest:
+        return fresh, None
+    return fresh, (old.digest, changes(old, fresh))

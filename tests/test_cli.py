@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,12 +40,12 @@ def test_version() -> None:
 def test_check_policy_ok_prints_a_summary() -> None:
     result = cli("check-policy", "egress-policy.yaml")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "egress-policy.yaml: ok: 3 identities, 6 API keys, 7 destinations"
+    assert result.stdout.strip() == "egress-policy.yaml: ok: 3 identities, 6 API keys, 7 destinations, 3 tests passed"
 
 
 BAD_POLICIES = [
     ("missing-file", None, "file not found"),
-    ("bad-yaml", "identities: [unclosed\n", "invalid YAML at line"),
+    ("bad-yaml", "identities: [unclosed\n", "invalid YAML"),
     ("no-identities", "settings: {}\n", "identities"),
     ("identity-without-keys", "identities:\n  web:\n    allowed_destinations: [a.example]\n", "web"),
     ("bad-destination", "identities:\n  web:\n    api_keys: [k1]\n    allowed_destinations: ['a.*.b']\n", "a.*.b"),
@@ -64,8 +65,94 @@ def test_check_policy_refuses_bad_files(tmp_path: Path, text: str | None, words:
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
-    assert lines and all(line.startswith(f"{path}: ") for line in lines)
+    # FILE: problem, or FILE:LINE:COLUMN: problem where there is one place to point at
+    assert lines and all(re.match(rf"{re.escape(str(path))}(:\d+:\d+)?: ", line) for line in lines), lines
     assert words.lower() in result.stderr.lower()
+
+
+TESTED = """\
+identities:
+  web:
+    api_keys: [web-secret-key]
+    allowed_destinations: [api.example.com, "*.cdn.example.com"]
+  meta:
+    api_keys: [meta-secret-key]
+    allowed_destinations: ["169.254.169.254:80"]
+tests:
+  - identity: web
+    destination: api.example.com:443
+    expect: allowed
+  - name: no metadata for web
+    identity: web
+    destination: 169.254.169.254:80
+    expect: {metadata}
+  - identity: web
+    destination: img.cdn.example.com
+    expect: allowed
+  - identity: meta
+    destination: api.example.com
+    expect: {api}
+"""
+
+
+def test_check_policy_counts_the_tests_that_passed(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(TESTED.format(metadata="denied", api="denied"))
+    result = cli("check-policy", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{path}: ok: 2 identities, 2 API keys, 3 destinations, 4 tests passed"
+    path.write_text(TESTED.split("tests:")[0] + "tests:\n  - {identity: web, destination: a.cdn.example.com, "
+                                                "expect: allowed}\n")
+    assert cli("check-policy", str(path)).stdout.strip().endswith(", 3 destinations, 1 test passed")
+    path.write_text(TESTED.split("tests:")[0])
+    assert cli("check-policy", str(path)).stdout.strip().endswith(", 3 destinations")  # no tests, no mention
+
+
+def test_check_policy_names_each_failing_test(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(TESTED.format(metadata="allowed", api="allowed"))
+    result = cli("check-policy", str(path))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"{path}: tests[1] (no metadata for web): identity web, destination 169.254.169.254:80: "
+        "expected allowed, got denied (reason: destination not allowed)",
+        f"{path}: tests[3]: identity meta, destination api.example.com:443: "
+        "expected allowed, got denied (reason: destination not allowed)",
+    ]
+    assert "secret" not in result.stderr
+
+
+def test_check_policy_reports_bad_tests_with_the_other_problems(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(TESTED.format(metadata="denied", api="allow").replace("identity: meta", "identity: meta-secret-key"))
+    result = cli("check-policy", str(path))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"{path}: tests[3] identity: that is an API key of identity 'meta', not an identity name (write identity: meta)",
+        f"{path}: tests[3] expect 'allow': must be 'allowed' or 'denied'",
+    ]
+
+
+YAML_MISTAKES = [
+    # (name, text, where the line starts after the path, how it ends)
+    ("wildcard", "identities:\n  web:\n    api_keys: [k1]\n    allowed_destinations:\n      - *.example.com\n",
+     ":5:10: invalid YAML: while scanning an alias: ",
+     '; hint: quote wildcard entries, "*.example.com" (YAML reads a leading * as an alias)'),
+    ("tab", "identities:\n  web:\n\tapi_keys: [k1]\n", ":3:1: invalid YAML: while scanning for the next token: ",
+     "; hint: indent with spaces; YAML does not allow tabs"),
+    ("unclosed", "identities: [unclosed\n", ":2:1: invalid YAML: while parsing a flow sequence: ", "or ']'"),
+]
+
+
+@pytest.mark.parametrize("text,start,end", [c[1:] for c in YAML_MISTAKES], ids=[c[0] for c in YAML_MISTAKES])
+def test_check_policy_yaml_error_is_file_line_column(tmp_path: Path, text: str, start: str, end: str) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    result = cli("check-policy", str(path))
+    assert result.returncode == 1
+    (printed,) = result.stderr.splitlines()
+    assert printed.startswith(f"{path}{start}") and printed.endswith(end), printed
 
 
 def test_check_policy_names_both_identities_never_the_key(tmp_path: Path) -> None:

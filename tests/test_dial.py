@@ -70,6 +70,7 @@ def test_name_resolving_to_a_forbidden_address_is_refused_without_dialling() -> 
     with pytest.raises(Refusal) as caught:
         dial(resolver, "k1", "svc.example.com", 80)
     assert caught.value.http == 403 and "169.254.0.0/16" in caught.value.reason
+    assert caught.value.kind == "destination_ip_prohibited"
     assert resolver.calls == ["svc.example.com"]
 
 
@@ -120,6 +121,7 @@ def test_resolution_failures_are_502(resolver: Resolver, error: str) -> None:
         dial(resolver, "k1", "svc.example.com", 443)
     assert caught.value.http == 502 and caught.value.status == "connection_failed"
     assert error in caught.value.error
+    assert caught.value.kind == "dns_error"
 
 
 def test_system_resolver_bounds_a_hanging_lookup(monkeypatch) -> None:
@@ -135,6 +137,7 @@ def test_system_resolver_bounds_a_hanging_lookup(monkeypatch) -> None:
         with pytest.raises(Refusal) as caught:
             dial(resolve, "k1", "svc.example.com", 443, timeout=0.3)
     assert caught.value.http == 502 and caught.value.error == "DNS lookup timed out"
+    assert caught.value.kind == "dns_timeout"
 
 
 def test_refused_connection_is_502(listener) -> None:
@@ -142,7 +145,21 @@ def test_refused_connection_is_502(listener) -> None:
     listener.close()
     with pytest.raises(Refusal) as caught:
         dial(Resolver({}), "k2", "127.0.0.1", port)
-    assert caught.value.http == 502 and "refused" in caught.value.error.lower()
+    assert caught.value.http == 502 and caught.value.kind == "connection_refused"
+    assert caught.value.error == f"127.0.0.1:{port}: Connection refused"
+
+
+def test_every_failed_address_is_named(listener) -> None:
+    port = listener.getsockname()[1]
+    listener.close()
+    resolver = Resolver({"svc.example.com": ["127.0.0.2", "127.0.0.3"]})
+    flow = Flow("test")
+    flow.key, flow.host, flow.port = "k2", policy.parse_host("svc.example.com"), port
+    with pytest.raises(Refusal) as caught:
+        open_upstream(CURRENT, CURRENT.authenticate("k2"), flow, resolver, 10.0, Sweeper(set(), 0))
+    assert caught.value.error == (f"127.0.0.2:{port}: Connection refused; "
+                                  f"127.0.0.3:{port}: Connection refused")
+    assert str(flow.address) == "127.0.0.3"
 
 
 def test_hosts_file(tmp_path) -> None:

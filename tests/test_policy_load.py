@@ -219,6 +219,7 @@ def test_shipped_policy_loads() -> None:
     )
     assert policy.forbidden is DEFAULT_FORBIDDEN
     assert len(policy.digest) == 12
+    assert policy.test_count == 3
 
 
 def test_full_fixture_options() -> None:
@@ -271,22 +272,98 @@ def test_duplicate_keys_under_api_keys_are_not_echoed() -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "fragment"),
+    ("text", "prefix"),
     [
-        pytest.param("identities:\n  a: [1\n", "invalid YAML at line 3, column 1", id="unclosed-flow"),
-        pytest.param("identities:\n\tweb: {}\n", "invalid YAML at line 2, column 1", id="tab-indent"),
-        pytest.param("a: b\nc\n", "invalid YAML at line 3", id="missing-colon"),
-        pytest.param("a: !!python/object:os.system {}\n", "invalid YAML at line 1", id="python-tag"),
-        pytest.param("a: 1\n---\nb: 2\n", "invalid YAML", id="two-documents"),
-        pytest.param("identities: {[a]: 1}\n", "invalid YAML", id="unhashable-key"),
+        pytest.param("identities:\n  a: [1\n", "p.yaml:3:1: invalid YAML: while parsing a flow sequence",
+                     id="unclosed-flow"),
+        pytest.param("identities:\n\tweb: {}\n", "p.yaml:2:1: invalid YAML: ", id="tab-indent"),
+        pytest.param("a: b\nc\n", "p.yaml:3:1: invalid YAML: ", id="missing-colon"),
+        pytest.param("a: !!python/object:os.system {}\n", "p.yaml:1:4: invalid YAML: ", id="python-tag"),
+        pytest.param("a: 1\n---\nb: 2\n", "p.yaml:2:1: invalid YAML: ", id="two-documents"),
+        pytest.param("identities: {[a]: 1}\n", "p.yaml:1:14: invalid YAML: ", id="unhashable-key"),
+        pytest.param("a: b\r\nc\r\n", "p.yaml:3:1: invalid YAML: ", id="crlf-lines"),
     ],
 )
-def test_bad_yaml_is_one_clear_line(text: str, fragment: str) -> None:
+def test_bad_yaml_is_one_clear_line(text: str, prefix: str) -> None:
     with pytest.raises(PolicyError) as info:
         load_policy_text(text, "p.yaml")
-    assert len(info.value.problems) == 1
+    (problem,) = info.value.problems
     message = str(info.value)
-    assert message.startswith("p.yaml: ") and fragment in message and "\n" not in message
+    assert message.startswith(prefix) and "\n" not in message, message
+    # The position is the error's, not part of the problem (which never names the file).
+    line, column = (int(n) for n in prefix.split(":")[1:3])
+    assert info.value.position == (line, column)
+    assert problem.startswith("invalid YAML: ") and "p.yaml" not in problem
+    assert message == f"p.yaml:{line}:{column}: {problem}"
+
+
+def test_policy_error_where() -> None:
+    assert PolicyError(["x"], "p.yaml", (3, 7)).where() == "p.yaml:3:7"
+    assert PolicyError(["x"], "p.yaml", (3, 7)).where("other.yaml") == "other.yaml:3:7"
+    assert PolicyError(["x"], "p.yaml").where() == "p.yaml"
+    assert str(PolicyError(["x", "y"], None, (3, 7))) == "3:7: x; y"
+    assert str(PolicyError(["x"])) == "x"
+
+
+WILDCARD_HINT = 'hint: quote wildcard entries, "{}" (YAML reads a leading * as an alias)'
+TAB_HINT = "hint: indent with spaces; YAML does not allow tabs"
+DESTS = 'identities:\n  web:\n    api_keys: ["k"]\n    allowed_destinations:\n'
+
+YAML_HINTS = [
+    # (text, position, the hint or None)
+    pytest.param(DESTS + "      - *.example.com\n", (5, 10), WILDCARD_HINT.format("*.example.com"), id="wildcard-block"),
+    pytest.param(DESTS + '      - "a.com"\n      - *.cdn.example.com:443\n', (6, 10),
+                 WILDCARD_HINT.format("*.cdn.example.com:443"), id="wildcard-block-port"),
+    pytest.param(DESTS[:-1] + " [*.example.com]\n", (4, 29), WILDCARD_HINT.format("*.example.com"), id="wildcard-flow"),
+    pytest.param('a: ["x.com", *.example.com, "y.com"]\n', (1, 15), WILDCARD_HINT.format("*.example.com"),
+                 id="wildcard-flow-second"),
+    pytest.param("a: [ *.example.com ]\n", (1, 7), WILDCARD_HINT.format("*.example.com"), id="wildcard-flow-spaced"),
+    pytest.param("a:\n  - *example.com\n", None, WILDCARD_HINT.format("*example.com"), id="star-then-name"),
+    pytest.param("identities:\n\tweb: {}\n", (2, 1), TAB_HINT, id="tab-indent-key"),
+    pytest.param(DESTS + "\t- a.com\n", (5, 1), TAB_HINT, id="tab-indent-item"),
+    pytest.param("a:\n  b: 1\n  \tc: 2\n", (3, 3), TAB_HINT, id="tab-after-spaces"),
+    pytest.param("a:\n  -\t- b\n", (2, 4), TAB_HINT, id="tab-after-dash"),
+    pytest.param("a: |\n\tfoo\n", (2, 1), TAB_HINT, id="tab-block-scalar"),
+    # no hint where the error is something else
+    pytest.param("a: *anchor\n", (1, 4), None, id="undefined-alias"),
+    pytest.param("a:\n  - *\n", (2, 6), None, id="bare-star"),
+    pytest.param("identities:\n  a: [1\n", (3, 1), None, id="unclosed-flow"),
+    pytest.param("a: b\nc\n", (3, 1), None, id="missing-colon"),
+]
+
+
+def _loaders() -> list:
+    import yaml
+
+    found = [pytest.param(yaml.SafeLoader, id="pure")]
+    if hasattr(yaml, "CSafeLoader"):
+        found.append(pytest.param(yaml.CSafeLoader, id="libyaml"))
+    return found
+
+
+@pytest.mark.parametrize("loader", _loaders())
+@pytest.mark.parametrize(("text", "position", "hint"), YAML_HINTS)
+def test_yaml_hints_for_the_classic_mistakes(monkeypatch: pytest.MonkeyPatch, loader: type, text: str,
+                                            position: tuple[int, int] | None, hint: str | None) -> None:
+    import policy.load
+
+    monkeypatch.setattr(policy.load, "_PolicyLoader", type("Loader", (loader,), {}))
+    with pytest.raises(PolicyError) as info:
+        load_policy_text(text, "p.yaml")
+    (problem,) = info.value.problems
+    assert problem.startswith("invalid YAML: ") and "\n" not in problem
+    if position is not None:
+        assert info.value.position == position
+        assert str(info.value).startswith(f"p.yaml:{position[0]}:{position[1]}: invalid YAML: ")
+    if hint is None:
+        assert "hint:" not in problem
+    else:
+        assert problem.endswith("; " + hint), problem
+
+
+def test_quoted_wildcards_and_tabs_inside_quotes_load() -> None:
+    policy = load_policy_text(DESTS + '      - "*.example.com"\n      - \'*.cdn.example.com:443\'\n')
+    assert [r.text for r in policy.identities["web"].rules] == ["*.example.com", "*.cdn.example.com:443"]
 
 
 def test_missing_file(tmp_path: Path) -> None:
