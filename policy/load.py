@@ -176,7 +176,8 @@ def _yaml_hint(err: yaml.MarkedYAMLError, lines: list[str]) -> str | None:
     # An alias name is letters, digits, "-" and "_": with a dot it can only be a host name.
     if token is None or "." not in token.group():
         return None
-    return f'quote wildcard entries, "{token.group()}" (YAML reads a leading * as an alias)'
+    # The entry itself is not echoed: whatever the line holds might be a key.
+    return 'quote wildcard entries, as in "*.example.com" (YAML reads a leading * as an alias)'
 
 
 def _duplicate_keys(loader: Any, root: Node) -> list[str]:

@@ -138,7 +138,7 @@ YAML_MISTAKES = [
     # (name, text, where the line starts after the path, how it ends)
     ("wildcard", "identities:\n  web:\n    api_keys: [k1]\n    allowed_destinations:\n      - *.example.com\n",
      ":5:10: invalid YAML: while scanning an alias: ",
-     '; hint: quote wildcard entries, "*.example.com" (YAML reads a leading * as an alias)'),
+     '; hint: quote wildcard entries, as in "*.example.com" (YAML reads a leading * as an alias)'),
     ("tab", "identities:\n  web:\n\tapi_keys: [k1]\n", ":3:1: invalid YAML: while scanning for the next token: ",
      "; hint: indent with spaces; YAML does not allow tabs"),
     ("unclosed", "identities: [unclosed\n", ":2:1: invalid YAML: while parsing a flow sequence: ", "or ']'"),

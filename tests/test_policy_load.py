@@ -305,20 +305,23 @@ def test_policy_error_where() -> None:
     assert str(PolicyError(["x"])) == "x"
 
 
-WILDCARD_HINT = 'hint: quote wildcard entries, "{}" (YAML reads a leading * as an alias)'
+WILDCARD_HINT = 'hint: quote wildcard entries, as in "*.example.com" (YAML reads a leading * as an alias)'
 TAB_HINT = "hint: indent with spaces; YAML does not allow tabs"
 DESTS = 'identities:\n  web:\n    api_keys: ["k"]\n    allowed_destinations:\n'
 
 YAML_HINTS = [
     # (text, position, the hint or None)
-    pytest.param(DESTS + "      - *.example.com\n", (5, 10), WILDCARD_HINT.format("*.example.com"), id="wildcard-block"),
+    pytest.param(DESTS + "      - *.example.com\n", (5, 10), WILDCARD_HINT, id="wildcard-block"),
     pytest.param(DESTS + '      - "a.com"\n      - *.cdn.example.com:443\n', (6, 10),
-                 WILDCARD_HINT.format("*.cdn.example.com:443"), id="wildcard-block-port"),
-    pytest.param(DESTS[:-1] + " [*.example.com]\n", (4, 29), WILDCARD_HINT.format("*.example.com"), id="wildcard-flow"),
-    pytest.param('a: ["x.com", *.example.com, "y.com"]\n', (1, 15), WILDCARD_HINT.format("*.example.com"),
+                 WILDCARD_HINT, id="wildcard-block-port"),
+    pytest.param(DESTS[:-1] + " [*.example.com]\n", (4, 29), WILDCARD_HINT, id="wildcard-flow"),
+    pytest.param('a: ["x.com", *.example.com, "y.com"]\n', (1, 15), WILDCARD_HINT,
                  id="wildcard-flow-second"),
-    pytest.param("a: [ *.example.com ]\n", (1, 7), WILDCARD_HINT.format("*.example.com"), id="wildcard-flow-spaced"),
-    pytest.param("a:\n  - *example.com\n", None, WILDCARD_HINT.format("*example.com"), id="star-then-name"),
+    pytest.param("a: [ *.example.com ]\n", (1, 7), WILDCARD_HINT, id="wildcard-flow-spaced"),
+    pytest.param("a:\n  - *example.com\n", None, WILDCARD_HINT, id="star-then-name"),
+    # The hint never echoes the entry: an unquoted key that starts with "*" is still a key.
+    pytest.param('identities:\n  web:\n    api_keys:\n      - *s3cr3t.k3y\n', (4, 16), WILDCARD_HINT,
+                 id="wildcard-shaped-key-not-echoed"),
     pytest.param("identities:\n\tweb: {}\n", (2, 1), TAB_HINT, id="tab-indent-key"),
     pytest.param(DESTS + "\t- a.com\n", (5, 1), TAB_HINT, id="tab-indent-item"),
     pytest.param("a:\n  b: 1\n  \tc: 2\n", (3, 3), TAB_HINT, id="tab-after-spaces"),
@@ -352,6 +355,7 @@ def test_yaml_hints_for_the_classic_mistakes(monkeypatch: pytest.MonkeyPatch, lo
         load_policy_text(text, "p.yaml")
     (problem,) = info.value.problems
     assert problem.startswith("invalid YAML: ") and "\n" not in problem
+    assert "s3cr3t" not in str(info.value)
     if position is not None:
         assert info.value.position == position
         assert str(info.value).startswith(f"p.yaml:{position[0]}:{position[1]}: invalid YAML: ")
