@@ -52,3 +52,13 @@ def test_forbidden_ranges_and_long_lists() -> None:
     assert len(fields["destinations_added"]) == SHOWN + 1
     assert fields["destinations_added"][-1] == "... and 5 more"
     assert fields["destinations_removed"] == ["web: a.example.com", "web: b.example.com"]
+
+
+def test_reordered_destinations_are_named_as_such_and_counts_are_exact() -> None:
+    reordered = BASE.replace('["a.example.com", "b.example.com"]', '["b.example.com", "a.example.com"]')
+    found = changes(load_policy_text(BASE), load_policy_text(reordered))
+    assert found.fields() == {"identities_changed": ["web (allowed_destinations order)"]}
+    many = ", ".join(f'"h{i}.example.com"' for i in range(50))
+    grown = changes(load_policy_text(BASE), load_policy_text(BASE.replace('"b.example.com"]', f'"b.example.com", {many}]')))
+    assert grown.destinations_added_count == 50 and grown.destinations_removed_count == 0
+    assert grown.destinations_added[:2] == ("web: h0.example.com", "web: h1.example.com")
