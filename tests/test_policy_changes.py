@@ -62,3 +62,13 @@ def test_reordered_destinations_are_named_as_such_and_counts_are_exact() -> None
     grown = changes(load_policy_text(BASE), load_policy_text(BASE.replace('"b.example.com"]', f'"b.example.com", {many}]')))
     assert grown.destinations_added_count == 50 and grown.destinations_removed_count == 0
     assert grown.destinations_added[:2] == ("web: h0.example.com", "web: h1.example.com")
+
+
+def test_large_identities_report_counts_not_entries(monkeypatch) -> None:
+    import policy.changes
+
+    monkeypatch.setattr(policy.changes, "DIFF_LIMIT", 2)
+    grown = BASE.replace('"b.example.com"]', '"b.example.com", "c.example.com"]')
+    found = changes(load_policy_text(BASE), load_policy_text(grown))
+    assert found.fields() == {"identities_changed": [
+        "web (allowed_destinations: 2 -> 3 entries, not compared one by one above 2)"]}
