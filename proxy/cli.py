@@ -97,9 +97,9 @@ def explain(path: str, key: str | None, dest: str, sni: str | None, *, identity_
     elif host.ip is None:
         notes.append(f"{host.name} is not resolved here (give --address, or HOSTS_FILE): each address it "
                      "resolves to must also be outside the forbidden ranges (unless allowed by IP/CIDR)")
-    if sni is None and host.ip is None and identity.require_tls and not http_request:
-        notes.append(f"the TLS ClientHello must carry SNI {host.name}")
     refusal = verdict.refusal
+    if refusal is None and sni is None and host.ip is None and identity.require_tls and not http_request:
+        notes.append(f"the TLS ClientHello must carry SNI {host.name}")
     lines = ["denied" if refusal is not None else "allowed", f"identity: {identity.name}"]
     if refusal is not None:
         lines.append(f"reason: {refusal.reason}")

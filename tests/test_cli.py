@@ -229,3 +229,15 @@ def test_check_policy_warns_about_wide_networks_without_failing(tmp_path: Path) 
     assert "'0.0.0.0/0:443' is a /0 network" in result.stderr and "never unlocks a forbidden address" in result.stderr
     assert "10.1.0.0/16" not in result.stderr
     assert result.stdout.startswith(f"{path}: ok:")
+
+
+def test_explain_notes_the_sni_only_for_an_allowed_name() -> None:
+    allowed = cli("explain", "egress-policy.yaml", "--identity", "frontend-services", "--dest", "api.example.com:443")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "note: the TLS ClientHello must carry SNI api.example.com" in allowed.stdout
+    denied = cli("explain", "egress-policy.yaml", "--identity", "frontend-services", "--dest", "api.example.com:443",
+                 "--address", "169.254.169.254")
+    assert denied.returncode == 1
+    assert denied.stdout.splitlines()[:3] == [
+        "denied", "identity: frontend-services", "reason: forbidden address: 169.254.169.254 in 169.254.0.0/16 (link-local)"]
+    assert "must carry SNI" not in denied.stdout
