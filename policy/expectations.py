@@ -33,7 +33,8 @@ from typing import Any, NamedTuple
 from .decide import Question, Verdict, judge
 from .destinations import DestinationError, split_port
 from .hosts import Host, HostError, IPAddress, parse_host
-from .model import Policy, _show, _type_name, _unknown_keys, key_digest
+from .model import Policy, key_digest
+from .problems import show, type_name, unknown_keys
 
 __all__ = ["OUTCOMES", "TEST_KEYS", "Expectation", "parse_tests", "run_tests"]
 
@@ -73,7 +74,7 @@ def parse_tests(raw: Any, identities: Collection[Any], keys: Mapping[bytes, tupl
     if raw is None:  # no section, or one with every entry commented out
         return (), []
     if not isinstance(raw, list):
-        return (), [f"tests: must be a list of tests (identity, destination, expect), not {_type_name(raw)}"]
+        return (), [f"tests: must be a list of tests (identity, destination, expect), not {type_name(raw)}"]
     tests, problems = [], []
     for index, entry in enumerate(raw):
         test = _expectation(index, entry, identities, keys, problems)
@@ -117,7 +118,7 @@ def _expectation(index: int, raw: Any, identities: Collection[Any], keys: Mappin
     """One validated test, or None after recording its problems."""
     where = f"tests[{index}]"
     if not isinstance(raw, dict):
-        problems.append(f"{where}: must be a mapping with identity, destination and expect, not {_type_name(raw)}")
+        problems.append(f"{where}: must be a mapping with identity, destination and expect, not {type_name(raw)}")
         return None
     start = len(problems)
     label = where
@@ -125,7 +126,7 @@ def _expectation(index: int, raw: Any, identities: Collection[Any], keys: Mappin
         name = _field(where, problems, _name, raw["name"])
         if name is not None:
             label = f"{where} ({name})"
-    problems.extend(_unknown_keys(f"{label}: ", raw, TEST_KEYS))
+    problems.extend(unknown_keys(f"{label}: ", raw, TEST_KEYS))
     problems.extend(f"{label}: missing {key}" for key in REQUIRED_KEYS if key not in raw)
     identity = _field(label, problems, _identity, raw.get("identity"), identities, keys) if "identity" in raw else None
     target = _field(label, problems, _destination, raw["destination"]) if "destination" in raw else None
@@ -172,23 +173,23 @@ def _authority(host: Host, port: int) -> str:
 
 def _name(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise _Invalid(f" name {_show(value)}: must be a non-empty string")
+        raise _Invalid(f" name {show(value)}: must be a non-empty string")
     if any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in value):
-        raise _Invalid(f" name {_show(value)}: must be one line of text")
+        raise _Invalid(f" name {show(value)}: must be one line of text")
     return value if len(value) <= _NAME_LIMIT else value[: _NAME_LIMIT - 3] + "..."
 
 
 def _identity(value: Any, identities: Collection[Any], keys: Mapping[bytes, tuple[str, int]]) -> str:
     if not isinstance(value, str):
-        raise _Invalid(f" identity {_show(value)}: must be an identity name (a string)")
+        raise _Invalid(f" identity {show(value)}: must be an identity name (a string)")
     if value in identities:
         return value
     owner = _key_owner(value, keys)
     if owner is not None:
         # Someone wrote a key where the name belongs: say whose, never the key.
-        raise _Invalid(f" identity: that is an API key of identity {_show(owner)}, not an identity name "
+        raise _Invalid(f" identity: that is an API key of identity {show(owner)}, not an identity name "
                        f"(write identity: {owner})")
-    raise _Invalid(f": unknown identity {_show(value)}{_did_you_mean(value, identities)}")
+    raise _Invalid(f": unknown identity {show(value)}{_did_you_mean(value, identities)}")
 
 
 def _key_owner(value: str, keys: Mapping[bytes, tuple[str, int]]) -> str | None:
@@ -209,16 +210,16 @@ def _destination(value: Any) -> tuple[Host, int | None]:
     """``HOST:PORT``, ``[v6]:PORT`` or ``HOST`` (port None: the default), as a CONNECT
     target is read."""
     if not isinstance(value, str):
-        raise _Invalid(f" destination {_show(value)}: must be a string, HOST:PORT")
+        raise _Invalid(f" destination {show(value)}: must be a string, HOST:PORT")
     if "://" in value:
-        raise _Invalid(f" destination {_show(value)}: a HOST:PORT, not a URL")
+        raise _Invalid(f" destination {show(value)}: a HOST:PORT, not a URL")
     try:
         host_text, port = _split_authority(value)
         host = parse_host(host_text)
         if value.startswith("[") and host.ip is None:
             raise _Invalid("brackets are only for IPv6 addresses")
     except (_Invalid, HostError) as err:
-        raise _Invalid(f" destination {_show(value)}: {err}") from None
+        raise _Invalid(f" destination {show(value)}: {err}") from None
     return host, port
 
 
@@ -241,7 +242,7 @@ def _port(text: str) -> int:
 
 def _expect(value: Any) -> str:
     if value not in OUTCOMES or not isinstance(value, str):
-        raise _Invalid(f" expect {_show(value)}: must be 'allowed' or 'denied'")
+        raise _Invalid(f" expect {show(value)}: must be 'allowed' or 'denied'")
     return value
 
 
@@ -250,7 +251,7 @@ def _addresses(value: Any) -> tuple[IPAddress, ...]:
     if isinstance(value, str):
         return (_address(" address", value),)
     if not isinstance(value, list):
-        raise _Invalid(f" address {_show(value)}: must be an IP address or a list of them")
+        raise _Invalid(f" address {show(value)}: must be an IP address or a list of them")
     if not value:
         raise _Invalid(" address: an empty list; give at least one IP address (or leave address out)")
     found, wrong = [], []
@@ -266,23 +267,23 @@ def _addresses(value: Any) -> tuple[IPAddress, ...]:
 
 def _address(where: str, value: Any) -> IPAddress:
     if not isinstance(value, str):
-        raise _Invalid(f"{where} {_show(value)}: must be a string IP address")
+        raise _Invalid(f"{where} {show(value)}: must be a string IP address")
     try:
         ip = parse_host(value).ip
     except HostError as err:
-        raise _Invalid(f"{where} {_show(value)}: {err}") from None
+        raise _Invalid(f"{where} {show(value)}: {err}") from None
     if ip is None:
-        raise _Invalid(f"{where} {_show(value)}: must be an IP address (what the name resolves to)")
+        raise _Invalid(f"{where} {show(value)}: must be an IP address (what the name resolves to)")
     return ip
 
 
 def _sni(value: Any) -> str:
     if not isinstance(value, str) or not value:
-        raise _Invalid(f" sni {_show(value)}: must be a non-empty string, the name the ClientHello carries")
+        raise _Invalid(f" sni {show(value)}: must be a non-empty string, the name the ClientHello carries")
     return value
 
 
 def _http(value: Any) -> bool:
     if not isinstance(value, bool):
-        raise _Invalid(f" http {_show(value)}: must be true or false")
+        raise _Invalid(f" http {show(value)}: must be true or false")
     return value

@@ -22,7 +22,8 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from .addresses import DEFAULT_FORBIDDEN, ForbiddenRanges, NetworkError, network_key, parse_network
 from .destinations import DestinationError, parse_destination
 from .expectations import Expectation, parse_tests, run_tests
-from .model import MODES, Identity, Policy, PolicyError, Rule, _show, _type_name, _unknown_keys, key_digest
+from .model import MODES, Identity, Policy, PolicyError, Rule, key_digest
+from .problems import show, type_name, unknown_keys
 
 __all__ = ["load_policy_file", "load_policy_text", "warnings"]
 
@@ -97,7 +98,7 @@ def warnings(policy: Policy) -> list[str]:
             version, _, prefix = network_key(rule.target)
             if prefix <= WIDE_PREFIX[version]:
                 found.append(
-                    f"identity {_show(name)}: allowed_destinations {_show(rule.text)} is a /{prefix} network "
+                    f"identity {show(name)}: allowed_destinations {show(rule.text)} is a /{prefix} network "
                     f"(as wide as a /{WIDE_PREFIX[version]} or wider): it reaches a large share of the "
                     "internet; it never unlocks a forbidden address (list those by address)"
                 )
@@ -218,15 +219,15 @@ def _duplicate_message(path: tuple[Any, ...], key: Any, first: int, again: int) 
         # Whatever sits under api_keys may be a secret; say where, not what.
         return f"{_where(path)}: duplicate mapping key {lines}"
     if path == ("identities",):
-        return f"identities: duplicate identity {_show(key)} {lines}"
+        return f"identities: duplicate identity {show(key)} {lines}"
     where = _where(path)
-    return f"{where + ': ' if where else ''}duplicate key {_show(key)} {lines}"
+    return f"{where + ': ' if where else ''}duplicate key {show(key)} {lines}"
 
 
 def _where(path: tuple[Any, ...]) -> str:
     if len(path) >= 2 and path[0] == "identities":
         rest = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path[2:])
-        return f"identity {_show(path[1])}" + (f" {rest.lstrip('.')}" if rest else "")
+        return f"identity {show(path[1])}" + (f" {rest.lstrip('.')}" if rest else "")
     return ".".join(str(p) for p in path)
 
 
@@ -256,9 +257,9 @@ class _Compiler:
             problems.append("policy is empty: expected a mapping with an 'identities' key")
             return None
         if not isinstance(data, dict):
-            problems.append(f"policy must be a mapping with an 'identities' key, not {_type_name(data)}")
+            problems.append(f"policy must be a mapping with an 'identities' key, not {type_name(data)}")
             return None
-        problems.extend(_unknown_keys("", data, TOP_KEYS))
+        problems.extend(unknown_keys("", data, TOP_KEYS))
         forbidden = self.settings(data.get("settings"))
         raw_identities = data.get("identities")
         if "identities" not in data:
@@ -266,7 +267,7 @@ class _Compiler:
             return None
         if not isinstance(raw_identities, dict):
             problems.append(
-                f"'identities' must be a mapping of identity name to settings, not {_type_name(raw_identities)}"
+                f"'identities' must be a mapping of identity name to settings, not {type_name(raw_identities)}"
             )
             return None
         if not raw_identities:
@@ -289,53 +290,53 @@ class _Compiler:
         if raw is None:
             return DEFAULT_FORBIDDEN
         if not isinstance(raw, dict):
-            self.problems.append(f"settings: must be a mapping, not {_type_name(raw)}")
+            self.problems.append(f"settings: must be a mapping, not {type_name(raw)}")
             return DEFAULT_FORBIDDEN
-        self.problems.extend(_unknown_keys("settings: ", raw, SETTINGS_KEYS))
+        self.problems.extend(unknown_keys("settings: ", raw, SETTINGS_KEYS))
         if "forbidden_ranges" not in raw:
             return DEFAULT_FORBIDDEN
         entries = raw["forbidden_ranges"]
         if not isinstance(entries, list):
             self.problems.append(
                 f"settings: forbidden_ranges must be a list of CIDRs or IP addresses ([] disables the guard), "
-                f"not {_type_name(entries)}"
+                f"not {type_name(entries)}"
             )
             return DEFAULT_FORBIDDEN
         ranges = []
         for index, entry in enumerate(entries):
             where = f"settings: forbidden_ranges[{index}]"
             if not isinstance(entry, str):
-                self.problems.append(f"{where} {_show(entry)}: must be a string CIDR or IP address")
+                self.problems.append(f"{where} {show(entry)}: must be a string CIDR or IP address")
                 continue
             try:
                 ranges.append((parse_network(entry), "configured"))
             except NetworkError as err:
-                self.problems.append(f"{where} {_show(entry)}: {err}")
+                self.problems.append(f"{where} {show(entry)}: {err}")
         return ForbiddenRanges(tuple(ranges))
 
     def identity(self, name: Any, raw: Any) -> Identity | None:
-        where = f"identity {_show(name)}: "
+        where = f"identity {show(name)}: "
         start = len(self.problems)
         self.identity_name(name)
         if not isinstance(raw, dict):
             self.problems.append(
-                f"{where}must be a mapping with api_keys and allowed_destinations, not {_type_name(raw)}"
+                f"{where}must be a mapping with api_keys and allowed_destinations, not {type_name(raw)}"
             )
             return None
-        self.problems.extend(_unknown_keys(where, raw, IDENTITY_KEYS))
+        self.problems.extend(unknown_keys(where, raw, IDENTITY_KEYS))
         mode = raw.get("mode", "enforce")
         if mode not in MODES:
-            self.problems.append(f"{where}mode {_show(mode)}: must be 'enforce' or 'report'")
+            self.problems.append(f"{where}mode {show(mode)}: must be 'enforce' or 'report'")
         options = {}
         for option in ("require_tls", "allow_http"):
             value = raw.get(option, True)
             if not isinstance(value, bool):
-                self.problems.append(f"{where}{option} {_show(value)}: must be true or false")
+                self.problems.append(f"{where}{option} {show(value)}: must be true or false")
             options[option] = value
         max_tunnels = raw.get("max_tunnels")
         # bool is an int subclass in Python; "max_tunnels: yes" is a mistake, not 1.
         if max_tunnels is not None and (type(max_tunnels) is not int or max_tunnels < 1):
-            self.problems.append(f"{where}max_tunnels {_show(max_tunnels)}: must be a positive integer")
+            self.problems.append(f"{where}max_tunnels {show(max_tunnels)}: must be a positive integer")
         elif "max_tunnels" in raw and max_tunnels is None:
             self.problems.append(f"{where}max_tunnels: must be a positive integer (omit it for no limit)")
         self.api_keys(name, where, raw)
@@ -353,13 +354,13 @@ class _Compiler:
 
     def identity_name(self, name: Any) -> None:
         if not isinstance(name, str):
-            self.problems.append(f"identity name {_show(name)}: must be a string")
+            self.problems.append(f"identity name {show(name)}: must be a string")
         elif not name:
             self.problems.append("identity name '': must not be empty")
         elif len(name) > MAX_IDENTITY_NAME:
-            self.problems.append(f"identity name {_show(name)}: longer than {MAX_IDENTITY_NAME} characters")
+            self.problems.append(f"identity name {show(name)}: longer than {MAX_IDENTITY_NAME} characters")
         elif _bad_text(name):
-            self.problems.append(f"identity name {_show(name)}: must not contain whitespace or control characters")
+            self.problems.append(f"identity name {show(name)}: must not contain whitespace or control characters")
         elif name in RESERVED_IDENTITY_NAMES:
             self.problems.append(f"identity name {name!r}: reserved for unauthenticated requests")
 
@@ -370,7 +371,7 @@ class _Compiler:
         keys = raw["api_keys"]
         if not isinstance(keys, list):
             # The value is not shown: it may be a key written without the list dash.
-            self.problems.append(f"{where}api_keys must be a list of keys, not {_type_name(keys)}")
+            self.problems.append(f"{where}api_keys must be a list of keys, not {type_name(keys)}")
             return
         if not keys:
             self.problems.append(f"{where}api_keys is empty: an identity needs at least one key")
@@ -386,14 +387,14 @@ class _Compiler:
                 self.problems.append(f"{label}: same key as api_keys[{seen[1]}]")
             else:
                 self.problems.append(
-                    f"{label}: same key as identity {_show(seen[0])} api_keys[{seen[1]}]; "
+                    f"{label}: same key as identity {show(seen[0])} api_keys[{seen[1]}]; "
                     f"keys must be unique across identities"
                 )
 
     def key(self, label: str, key: Any) -> bytes | None:
         """The stored digest of one api_keys entry, or None after recording a problem."""
         if not isinstance(key, str):
-            self.problems.append(f"{label}: must be a string, not {_type_name(key)} (quote it in YAML)")
+            self.problems.append(f"{label}: must be a string, not {type_name(key)} (quote it in YAML)")
             return None
         if not key:
             self.problems.append(f"{label}: empty key")
@@ -418,7 +419,7 @@ class _Compiler:
             return []
         entries = raw["allowed_destinations"]
         if not isinstance(entries, list):
-            self.problems.append(f"{where}allowed_destinations must be a list, not {_type_name(entries)}")
+            self.problems.append(f"{where}allowed_destinations must be a list, not {type_name(entries)}")
             return []
         if not entries and not report:
             # In report mode an empty list is useful: it records everything the workload calls.
@@ -428,5 +429,5 @@ class _Compiler:
             try:
                 rules.append(parse_destination(entry))
             except DestinationError as err:
-                self.problems.append(f"{where}allowed_destinations[{index}] {_show(entry)}: {err}")
+                self.problems.append(f"{where}allowed_destinations[{index}] {show(entry)}: {err}")
         return rules

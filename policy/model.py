@@ -12,14 +12,13 @@ does not depend on the number of rules or keys:
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import hmac
 from array import array
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from .addresses import (
     DEFAULT_FORBIDDEN,
@@ -68,44 +67,6 @@ class PolicyError(Exception):
         joined = "; ".join(self.problems)
         where = self.where()
         return f"{where}: {joined}" if where else joined
-
-
-# Problem wording, shared by load.py and expectations.py: values appear in problems only
-# through these (bounded, one line), and never an API key.
-
-_SHOW_LIMIT = 80
-
-
-def _show(value: Any) -> str:
-    """A one-line, bounded rendering of a (non-secret) value for messages."""
-    text = repr(value)
-    return text if len(text) <= _SHOW_LIMIT else text[: _SHOW_LIMIT - 3] + "..."
-
-
-_TYPE_NAMES = {
-    type(None): "nothing",
-    dict: "a mapping",
-    list: "a list",
-    str: "a string",
-    bool: "a boolean",
-    int: "an integer",
-    float: "a number",
-}
-
-
-def _type_name(value: Any) -> str:
-    return _TYPE_NAMES.get(type(value), type(value).__name__)
-
-
-def _unknown_keys(where: str, raw: Mapping[Any, Any], known: tuple[str, ...]) -> list[str]:
-    problems = []
-    for key in raw:
-        if key in known:
-            continue
-        hint = difflib.get_close_matches(str(key), known, n=1)
-        suggestion = f" (did you mean {hint[0]!r}?)" if hint else f" (expected one of: {', '.join(known)})"
-        problems.append(f"{where}unknown key {_show(key)}{suggestion}")
-    return problems
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,7 +60,7 @@ def explain(path: str, key: str | None, dest: str, sni: str | None, *, identity_
     if current is None:
         return 2
     if http_request and dest[:7].lower() == "http://":
-        dest = _url_hint(dest).rpartition("--dest ")[2]  # an http:// URL, as the client sends it
+        dest = _url_target(dest) or dest  # an http:// URL, as the client sends it
     if "://" in dest:
         print(f"invalid --dest {dest!r}: give HOST:PORT, not a URL (for {_url_hint(dest)}); "
               "add --http for an http:// URL the client sends to the proxy as plain HTTP", file=sys.stderr)
@@ -112,15 +112,21 @@ def explain(path: str, key: str | None, dest: str, sni: str | None, *, identity_
     return 1 if refusal is not None else 0
 
 
-def _url_hint(url: str) -> str:
-    """`https://api.example.com/v1` -> `... use --dest api.example.com:443`."""
+def _url_target(url: str) -> str | None:
+    """The `HOST:PORT` an http(s):// URL's client asks the proxy for; None if there is none."""
     scheme, _, rest = url.partition("://")
     authority = rest.split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
     port = {"https": 443, "http": 80}.get(scheme.lower())
     if not authority or port is None:
-        return f"{url} give the host and port the client CONNECTs to"
+        return None
     has_port = authority.rpartition("]")[2].count(":") == 1 if authority.startswith("[") else ":" in authority
-    return f"{url} use --dest {authority if has_port else f'{authority}:{port}'}"
+    return authority if has_port else f"{authority}:{port}"
+
+
+def _url_hint(url: str) -> str:
+    """`https://api.example.com/v1` -> `... use --dest api.example.com:443`."""
+    target = _url_target(url)
+    return f"{url} use --dest {target}" if target else f"{url} give the host and port the client CONNECTs to"
 
 
 def _addresses(host: policy.Host, given: Sequence[str], hosts_file: str | None

@@ -115,10 +115,6 @@ class Side:
         self.flow.add(self.upstream, len(data))
 
 
-# The RFC 9209 error type of an origin's failure that names none more precisely.
-_ORIGIN_KIND = {"origin": "http_protocol_error"}
-
-
 def _why(error: OSError) -> str:
     return error.strerror or type(error).__name__
 
@@ -304,8 +300,7 @@ class Exchange:
             if not self.responded and broken.status is not None:
                 self.status = broken.status
                 try:
-                    self.client.sock.sendall(response(broken.status, broken.message, (),
-                                                      broken.kind or _ORIGIN_KIND.get(broken.side)))
+                    self.client.sock.sendall(response(broken.status, broken.message, (), broken.kind))
                 except OSError:
                     pass
         except Exception as unexpected:  # a bug must end this connection, not the server

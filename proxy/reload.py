@@ -112,12 +112,13 @@ class Reloader:
             log.debug("policy file unchanged", extra={"path": self.path, "trigger": why, "policy": fresh.digest})
             return False
         self.admission.policy = fresh  # the old snapshot is freed when its last reference goes
+        previous = old.digest
         del old
         self.metrics.reloads.inc()
         self.metrics.policy_loaded(destination_counts(fresh))
         log.info("policy reloaded", extra={
-            "path": self.path, "trigger": why, "policy": fresh.digest, "previous": changed[0],
-            "identities": len(fresh.identities), "destinations": fresh.destination_count, **changed[1].fields(),
+            "path": self.path, "trigger": why, "policy": fresh.digest, "previous": previous,
+            "identities": len(fresh.identities), "destinations": fresh.destination_count, **changed.fields(),
         })
         self.revoke(fresh)
         return True
@@ -144,7 +145,7 @@ def destination_counts(current: Policy) -> dict[str, int]:
     return {name: identity.rule_count for name, identity in current.identities.items()}
 
 
-def _load_quietly(path: str, old: Policy) -> tuple[Policy, tuple[str, Changes] | None] | PolicyError:
+def _load_quietly(path: str, old: Policy) -> tuple[Policy, Changes | None] | PolicyError:
     """Runs in the thread pool: the new policy and how it differs from `old` (None: the
     same text), computed here too, off the hub. A PolicyError is returned, not raised,
     because gevent prints a traceback for every exception that leaves a pool thread."""
@@ -154,4 +155,4 @@ def _load_quietly(path: str, old: Policy) -> tuple[Policy, tuple[str, Changes] |
         return error
     if fresh.digest == old.digest:
         return fresh, None
-    return fresh, (old.digest, changes(old, fresh))
+    return fresh, changes(old, fresh)
