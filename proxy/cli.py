@@ -14,6 +14,7 @@ import policy
 from policy import PolicyError
 from policy.load import warnings as policy_warnings
 from policy.addresses import IPAddress
+from policy.certificates import canonical
 from proxy.dial import load_hosts_file
 from proxy.settings import defaults_table
 from wire import http
@@ -47,15 +48,27 @@ def check_policy(path: str) -> int:
 
 
 def explain(path: str, key: str | None, dest: str, sni: str | None, *, identity_name: str | None = None,
-            addresses: Sequence[str] = (), http_request: bool = False, hosts_file: str | None = None) -> int:
-    """`explain FILE (--key KEY | --identity NAME) --dest HOST:PORT [--sni NAME]
-    [--address IP]... [--http]`: the decision, offline.
+            addresses: Sequence[str] = (), http_request: bool = False, hosts_file: str | None = None,
+            certificate: Sequence[str] = ()) -> int:
+    """`explain FILE (--key KEY | --identity NAME | --cert-uri/--cert-dns/--cert-cn VALUE...)
+    --dest HOST:PORT [--sni NAME] [--address IP]... [--http]`: the decision, offline.
+
+    `certificate`: the entries a verified client certificate would carry (``uri:...``,
+    ``dns:...``, ``cn:...``), judged as the TLS listener judges them, with `key` if given.
 
     The same check list as the live proxy (`policy.judge`), with what the live proxy
     would know: an IP target is its own address; a name's addresses are the `--address`
     values, else its HOSTS_FILE entry (as the server reads it), else unknown (noted:
     names are never resolved here). `--http` judges a plain-HTTP `http://` request.
     """
+    if identity_name is not None and certificate:
+        print("--identity names the identity already: give certificate names (--cert-*) with --key, or alone",
+              file=sys.stderr)
+        return 2
+    if identity_name is None and key is None and not certificate:
+        print("say who asks: --key KEY, --identity NAME, or a client certificate's --cert-uri/--cert-dns/--cert-cn",
+              file=sys.stderr)
+        return 2
     current = _load(path)
     if current is None:
         return 2
@@ -86,10 +99,11 @@ def explain(path: str, key: str | None, dest: str, sni: str | None, *, identity_
             known = ", ".join(sorted(current.identities)[:20])
             print(f"unknown identity {identity_name!r} (the policy has: {known})", file=sys.stderr)
             return 2
-    verdict = policy.judge(current, key, question, identity)
+    proven = tuple(certificate)
+    verdict = policy.judge(current, key, question, identity, certificate=proven)
     identity = verdict.identity
     if identity is None:
-        print("denied\nidentity: -\nreason: unknown API key (the proxy answers 407)")
+        print(f"denied\nidentity: -\nreason: {verdict.reason} (the proxy answers 407)")
         return 1
     notes = []
     if source:
@@ -100,7 +114,10 @@ def explain(path: str, key: str | None, dest: str, sni: str | None, *, identity_
     refusal = verdict.refusal
     if refusal is None and sni is None and host.ip is None and identity.require_tls and not http_request:
         notes.append(f"the TLS ClientHello must carry SNI {host.name}")
-    lines = ["denied" if refusal is not None else "allowed", f"identity: {identity.name}"]
+    how = ""
+    if identity_name is None:
+        how = " (by client certificate)" if proven and current.by_certificate(proven) else " (by API key)"
+    lines = ["denied" if refusal is not None else "allowed", f"identity: {identity.name}{how}"]
     if refusal is not None:
         lines.append(f"reason: {refusal.reason}")
     elif verdict.reported:
@@ -158,8 +175,15 @@ def _addresses(host: policy.Host, given: Sequence[str], hosts_file: str | None
     return None, ""
 
 
+def certificate_entries(args: argparse.Namespace) -> tuple[str, ...]:
+    """The `--cert-*` values as the entries a verified certificate would carry."""
+    return tuple(canonical(kind, value) for kind in ("uri", "dns", "cn") for value in getattr(args, f"cert_{kind}"))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    environment = "\n".join(f"  {name:<17} {default:<31} {text}" for name, default, text in defaults_table())
+    rows = defaults_table()
+    width = max(len(name) for name, _, _ in rows)
+    environment = "\n".join(f"  {name:<{width}} {default:<31} {text}" for name, default, text in rows)
     parser = argparse.ArgumentParser(
         prog="egress_guard.py",
         description="egress-guard: an HTTP CONNECT egress proxy with per-identity allowlists and SNI checks. "
@@ -175,9 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     why = commands.add_parser("explain", help="show how a policy judges one request, offline "
                                               "(exit 0 allowed, 1 denied, 2 bad input)")
     why.add_argument("file", help="policy YAML file")
-    who = why.add_mutually_exclusive_group(required=True)
+    who = why.add_mutually_exclusive_group()
     who.add_argument("--key", help="the API key (Basic username) the client sends")
     who.add_argument("--identity", help="the identity's name in the policy (instead of a key)")
+    for kind, what in (("uri", "a URI subject alternative name, e.g. spiffe://cluster.local/ns/NS/sa/SA"),
+                       ("dns", "a DNS subject alternative name"), ("cn", "the subject common name")):
+        why.add_argument(f"--cert-{kind}", action="append", default=[], metavar="VALUE",
+                         help=f"the client certificate carries {what} (repeatable; with or without --key)")
     why.add_argument("--dest", required=True, help="the CONNECT target, HOST:PORT or [IPv6]:PORT "
                                                    "(with --http: the http:// URL's host and port)")
     why.add_argument("--sni", help="the SNI the client's TLS ClientHello carries")
