@@ -26,6 +26,7 @@ from _certs import Authority, Issued
 from _forward_origin import Origin
 from _support import (
     IO_TIMEOUT,
+    BioTLS,
     Proxy,
     ProxyFactory,
     Upstream,
@@ -176,6 +177,38 @@ def test_refusals_are_answered_inside_tls(proxy: Proxy, pki: PKI) -> None:
     assert line["listener"] == "tls" and line["action"] == "denied" and line["auth"] == "api_key", line
     with connect_tls(proxy, pki, "api.example.com:443") as reply:
         assert reply.status == 407 and reply.headers["proxy-authenticate"].startswith("Basic")
+
+
+@pytest.mark.parametrize(("sni", "allowed"), [("api.example.com", True), ("evil.example.com", False)])
+def test_a_hello_sent_with_the_head_is_judged_inside_the_tls_session(proxy: Proxy, pki: PKI, ca,
+                                                                     fresh_tls_upstream: Upstream, sni: str,
+                                                                     allowed: bool) -> None:
+    """Head and ClientHello in one TLS write: the hello is decrypted ahead with the head
+    and must still be judged before anything reaches the destination (TLS in TLS)."""
+    sock = tls_client(proxy, pki)
+    with sock:
+        inner = BioTLS(sock, ca, sni)
+        target = f"api.example.com:{fresh_tls_upstream.port}"
+        head = f"CONNECT {target} HTTP/1.1\r\nProxy-Authorization: {basic('app-key')}\r\n\r\n".encode()
+        sock.sendall(head + inner.client_hello())
+        assert read_reply(sock).status == 200
+        if allowed:
+            inner.finish_handshake()
+            inner.send(b"inside two sessions")
+            assert inner.recv(19) == b"inside two sessions"
+        else:
+            assert sock.recv(7) == tls_alert_access_denied()
+    line = proxy.wait_log(lambda l: l.get("message") == "request" and l.get("sni") == sni)
+    assert line["action"] == ("allowed" if allowed else "sni_mismatch") and line["listener"] == "tls", line
+    if not allowed:  # dialled before the 200, but not one byte of the hello went on
+        (conn,) = fresh_tls_upstream.since(0)
+        assert conn.done.wait(5) and conn.raw_bytes == 0, conn
+
+
+def tls_alert_access_denied() -> bytes:
+    from wire import tls as wire_tls
+
+    return wire_tls.alert(wire_tls.ACCESS_DENIED, 0x0301)
 
 
 def test_plain_http_urls_through_the_tls_listener(proxy: Proxy, pki: PKI) -> None:
@@ -454,6 +487,25 @@ def test_a_reload_that_removes_a_certificate_entry_closes_its_tunnels(start_prox
         by_key.sock.sendall(b"key still good")
         assert recv_exactly(by_key.sock, 14) == b"key still good"
     assert proxy.metrics().value("egress_proxy_tunnels_revoked_total", identity="raw") == 1
+
+
+def test_a_certificate_entry_moved_to_another_identity_closes_its_tunnels(start_proxy, pki: PKI,
+                                                                         echo_upstream: Upstream) -> None:
+    """The tunnel was admitted and accounted as one identity: when its credentials come
+    to name another, it is re-admitted by nobody and closed, even if the other identity
+    could reach the same destination."""
+    proxy = start_proxy(POLICY, **tls_env(pki))
+    with connect_tls(proxy, pki, f"127.0.0.1:{echo_upstream.port}", cert=pki.raw) as reply:
+        assert reply.status == 200
+        moved = POLICY.replace('client_certificates: ["cn:raw-stream"]', "client_certificates: []") + """\
+  raw-again:
+    client_certificates: ["cn:raw-stream"]
+    require_tls: false
+    allowed_destinations: ["127.0.0.1"]
+"""
+        proxy.write_policy(moved)
+        line = proxy.wait_log(lambda l: l.get("message") == "tunnel revoked by policy reload")
+        assert line["reason"] == "the credentials now name identity raw-again, not raw", line
 
 
 # ---------------------------------------------------------------------------

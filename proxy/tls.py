@@ -419,11 +419,8 @@ def handshake(stream: TLSStream, flow: Flow, sweeper: Sweeper, timeout: float) -
             try:
                 data = raw.recv(CHUNK)
             except BlockingIOError:
-                if not armed:
-                    sweeper.arm(flow, timeout)
-                    armed = True
                 try:
-                    hub().wait(stream.readable)
+                    armed = sweeper.wait(flow, stream.readable, timeout, armed)
                 except Deadline:
                     raise Refusal(Status.TIMEOUT, f"no complete TLS handshake within {timeout:g} s") from None
                 continue
