@@ -467,6 +467,11 @@ def test_rotation_keeps_open_tunnels_and_a_bad_pair_keeps_the_old_one(start_prox
         assert served_certificate(proxy, pki) == pem_der(second.cert_pem)
         reply.sock.sendall(b"still")
         assert recv_exactly(reply.sock, 5) == b"still"
+    # Rewritten with the same content (a Secret re-synced unchanged): not a reload.
+    secret_dir(mount, "2026_12_03_d", second.cert_pem, second.key_pem)
+    time.sleep(1.0)  # five polls at WATCH_INTERVAL=0.2
+    assert proxy.metrics().value("egress_proxy_tls_reloads_total") == 1
+    assert proxy.metrics().value("egress_proxy_tls_load_errors_total") == 1
     assert proxy.http_status("/health") == 200
 
 

@@ -118,8 +118,7 @@ class ServerTLS:
         self.metrics, self.log = metrics, logger
         self.states = self._states()
         self.context = build_context(*self.paths)  # TLSConfigError: a startup error
-        self.fingerprint = _fingerprint(cert)
-        self.rejected: str | None = None  # why the newest files are not in force
+        self.digest = _digest(self.paths)
 
     @property
     def client_certificates(self) -> bool:
@@ -142,29 +141,35 @@ class ServerTLS:
         if states == self.states:
             return False
         self.states = states
+        digest = _digest(self.paths)
+        if digest == self.digest:
+            return False  # touched, or rewritten with the same content
         try:
             context = build_context(*self.paths)
         except TLSConfigError as error:
-            self.rejected = str(error)
             self.metrics.tls_load_errors.inc()
             self.log.error("cannot load the TLS listener's new certificate; the one in force stays",
                            extra={"error": str(error)})
             return False
-        self.context, self.rejected = context, None
-        self.fingerprint = _fingerprint(self.paths[0])
+        self.context, self.digest = context, digest
         self.metrics.tls_reloads.inc()
-        self.log.info("TLS certificate reloaded", extra={"certificate": self.fingerprint,
+        self.log.info("TLS certificate reloaded", extra={"certificate": _digest(self.paths[:1]),
                                                           "client_ca": self.paths[2] or None})
         return True
 
 
-def _fingerprint(path: str) -> str:
-    """A short digest of the certificate file, to tell versions apart in logs."""
-    try:
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()[:12]
-    except OSError:
-        return ""
+def _digest(paths: tuple[str, ...]) -> str:
+    """A short digest of the files' contents, to tell versions apart (in logs, too: it
+    is a hash of the certificate file, never of the key alone)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                digest.update(f.read())
+        except OSError:
+            digest.update(b"\0missing\0")
+        digest.update(b"\0")
+    return digest.hexdigest()[:12]
 
 
 class TLSSocket:
@@ -413,7 +418,10 @@ def handshake(stream: TLSStream, flow: Flow, sweeper: Sweeper, timeout: float) -
                 sock.queue()  # the alert OpenSSL wrote for the client
                 if error.reason in _PLAINTEXT:
                     # A plaintext request on the TLS port: say so in the protocol it speaks.
-                    raw.send(response(400, "this port speaks TLS: use an https:// proxy URL"))
+                    try:
+                        raw.send(response(400, "this port speaks TLS: use an https:// proxy URL"))
+                    except OSError:
+                        pass
                 raise Refusal(Status.BAD_REQUEST, f"TLS handshake failed: {handshake_failure(error)}") from None
             sock.queue()
             try:
