@@ -5,7 +5,8 @@
  * usage: loadgen -m MODE (-x PROXY_HOST:PORT | -D) -t TARGET_HOST:PORT
  *                [-u USER[:PASS]] [-c CONC] [-d SECONDS] [-r RAMP_S]
  *                [-n BYTES] [-s SNI] [-T OP_TIMEOUT_S] [-i MAX_INFLIGHT]
- *                [-H HELLO_OUT_FILE] [-A AUTHORITY] [-q]
+ *                [-H HELLO_OUT_FILE] [-A AUTHORITY] [-S CAFILE] [-q]
+ *        loadgen -V   (features: built with TLS or not, OpenSSL version; JSON)
  *
  * modes:
  *   rate      CONNECT -> 200 -> send N bytes -> read echo -> close; repeat
@@ -19,18 +20,30 @@
  *    CONNECT target instead of -t; the proxy resolves it (egress-guard maps it
  *    to 127.0.0.1 with HOSTS_FILE). -t must still be a loopback address: it is
  *    what the name stands for. loadgen itself only ever connects to -x.
+ * -S (proxy mode only): speak TLS to the proxy (an https:// proxy): after the TCP
+ *    connect, a non-blocking TLS handshake verifying the proxy's certificate
+ *    against CAFILE and the -x host (IP SAN for an address, DNS name otherwise);
+ *    then CONNECT, its answer and every mode's bytes go through the session.
+ *    Every connection makes a full handshake: no session is resumed (what Go's
+ *    and Python's clients do by default; curl resumes within one process).
+ *    Needs a build with -DLOADGEN_TLS (-lssl -lcrypto); without it -S exits 2.
  * Output: one JSON object on the last stdout line.
  */
 #include "common.h"
 #include <math.h>
 #include <signal.h>
 #include <sys/epoll.h>
+#ifdef LOADGEN_TLS
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+#endif
 
 enum mode { M_RATE, M_TLS, M_BULK, M_BULKDOWN, M_IDLE };
 static const char *mode_names[] = {"rate", "tls-rate", "bulk", "bulk-down", "idle"};
 
 enum st {
-    S_FREE, S_BACKOFF, S_CONNECTING, S_SEND_REQ, S_READ_RESP, S_SEND_PAY,
+    S_FREE, S_BACKOFF, S_CONNECTING, S_HANDSHAKE, S_SEND_REQ, S_READ_RESP, S_SEND_PAY,
     S_READ_ECHO, S_IDLE, S_DONE, S_STREAM_UP, S_STREAM_DOWN
 };
 
@@ -41,6 +54,7 @@ static const char *err_names[] = {"connect", "status", "closed", "timeout", "mis
 #define BULK_CHUNK (256 * 1024)
 #define MAX_STEPS 16
 #define MAX_SAMPLES (20u * 1000u * 1000u)
+#define SCRATCH (64 * 1024) /* bulk-down through TLS: decrypted bytes land here */
 
 struct conn {
     int fd;
@@ -53,6 +67,9 @@ struct conn {
     uint32_t off, hlen;
     char hbuf[HBUF];
     uint8_t *rbuf;
+#ifdef LOADGEN_TLS
+    SSL *ssl; /* the session with the proxy (-S), NULL otherwise */
+#endif
 };
 
 /* config */
@@ -66,6 +83,7 @@ static double duration = 5.0, ramp = 0.5, op_timeout = 5.0;
 static int plen = 64, max_inflight = 256;
 static const char *sni = "api.example.com";
 static char *user = NULL;
+static const char *tls_ca = NULL; /* -S: TLS to the proxy, verified against this CA file */
 
 /* state */
 static struct conn *conns;
@@ -84,6 +102,19 @@ static size_t nsamples, cap_samples;
 static char last_error[200];
 static uint64_t established, alive, attempts, done_all;
 static int idle_phase; /* 1 establish, 2 hold, 3 final check */
+static uint8_t *scratch;
+static uint64_t hs_count, hs_ns; /* TLS handshakes completed, their time since the TCP connect began */
+static char tls_why[160];        /* the last TLS failure, in OpenSSL's words */
+#ifdef LOADGEN_TLS
+static SSL_CTX *tls_ctx;
+static char proxy_host[256];
+static char tls_version[32], tls_cipher[64];
+#define TLS_VERSION_NAME tls_version
+#define TLS_CIPHER_NAME tls_cipher
+#else
+#define TLS_VERSION_NAME ""
+#define TLS_CIPHER_NAME ""
+#endif
 
 static void record_latency(uint64_t ns) {
     if (nsamples == cap_samples) {
@@ -183,12 +214,116 @@ static size_t build_client_hello(uint8_t *o, const char *name) {
     return (size_t)(p - o);
 }
 
+/* ---- TLS to the proxy (-S) ---- */
+#ifdef LOADGEN_TLS
+/* The client context: TLS 1.2 or later, the peer verified against CAFILE, no session
+   cache (every connection a full handshake). */
+static int tls_setup(const char *cafile) {
+    tls_ctx = SSL_CTX_new(TLS_client_method());
+    if (!tls_ctx || !SSL_CTX_set_min_proto_version(tls_ctx, TLS1_2_VERSION)) return -1;
+    if (SSL_CTX_load_verify_locations(tls_ctx, cafile, NULL) != 1) return -1;
+    SSL_CTX_set_verify(tls_ctx, SSL_VERIFY_PEER, NULL);
+    SSL_CTX_set_session_cache_mode(tls_ctx, SSL_SESS_CACHE_OFF);
+    SSL_CTX_set_mode(tls_ctx, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    static const unsigned char alpn[] = {8, 'h', 't', 't', 'p', '/', '1', '.', '1'};
+    SSL_CTX_set_alpn_protos(tls_ctx, alpn, sizeof alpn);
+    return 0;
+}
+
+/* A session over the connected socket, expecting the -x host in the certificate. */
+static int tls_begin(struct conn *c) {
+    unsigned char ip[16];
+    c->ssl = SSL_new(tls_ctx);
+    if (!c->ssl || SSL_set_fd(c->ssl, c->fd) != 1) return -1;
+    if (inet_pton(AF_INET, proxy_host, ip) == 1 || inet_pton(AF_INET6, proxy_host, ip) == 1)
+        return X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(c->ssl), proxy_host) == 1 ? 0 : -1;
+    if (SSL_set_tlsext_host_name(c->ssl, proxy_host) != 1) return -1; /* SNI: names only */
+    return SSL_set1_host(c->ssl, proxy_host) == 1 ? 0 : -1;
+}
+
+/* Before each OpenSSL call: SSL_get_error reads the error queue and errno. */
+static void tls_clear(void) {
+    ERR_clear_error();
+    errno = 0;
+}
+
+/* An OpenSSL result `r` in send()/recv() terms: r > 0 bytes; 0 at the end of the
+   stream (close_notify, or a TCP EOF); -1 with errno EAGAIN when the session waits for
+   the socket, EPROTO (reason in tls_why) when it failed, or the socket's own errno. */
+static ssize_t tls_result(struct conn *c, int r) {
+    if (r > 0) return r;
+    int e = SSL_get_error(c->ssl, r);
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) { errno = EAGAIN; return -1; }
+    if (e == SSL_ERROR_ZERO_RETURN) return 0;
+    unsigned long code = ERR_peek_error();
+    if (e == SSL_ERROR_SYSCALL && !code) return errno ? -1 : 0;
+    if (ERR_GET_REASON(code) == SSL_R_UNEXPECTED_EOF_WHILE_READING) return 0;
+    long v = SSL_get_verify_result(c->ssl);
+    if (v != X509_V_OK)
+        snprintf(tls_why, sizeof tls_why, "TLS: certificate verify failed: %s", X509_verify_cert_error_string(v));
+    else {
+        const char *why = code ? ERR_reason_error_string(code) : NULL;
+        snprintf(tls_why, sizeof tls_why, "TLS: %s", why ? why : "failed");
+    }
+    ERR_clear_error();
+    errno = EPROTO;
+    return -1;
+}
+
+static ssize_t tls_handshake(struct conn *c) {
+    tls_clear();
+    int r = SSL_connect(c->ssl);
+    if (r != 1) return tls_result(c, r);
+    hs_count++;
+    hs_ns += now_ns() - c->t0;
+    snprintf(tls_version, sizeof tls_version, "%s", SSL_get_version(c->ssl));
+    snprintf(tls_cipher, sizeof tls_cipher, "%s", SSL_get_cipher_name(c->ssl));
+    return 1;
+}
+#endif
+
+/* send()/recv() on a connection, through its TLS session when it has one. */
+static ssize_t conn_send(struct conn *c, const void *buf, size_t len) {
+#ifdef LOADGEN_TLS
+    if (c->ssl) {
+        tls_clear();
+        return tls_result(c, SSL_write(c->ssl, buf, (int)len));
+    }
+#endif
+    return send(c->fd, buf, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+}
+
+static ssize_t conn_recv(struct conn *c, void *buf, size_t len) {
+#ifdef LOADGEN_TLS
+    if (c->ssl) {
+        tls_clear();
+        return tls_result(c, SSL_read(c->ssl, buf, (int)len));
+    }
+#endif
+    return recv(c->fd, buf, len, MSG_DONTWAIT);
+}
+
 /* ---- connection state machine ---- */
 static void enqueue(int i) {
     if (!conns[i].queued) { conns[i].queued = 1; readyq[nready++] = i; }
 }
 
+/* A clean end: close_notify first (one try, as a client closing its tunnel would). */
+static void close_notify(struct conn *c) {
+#ifdef LOADGEN_TLS
+    if (c->ssl) {
+        tls_clear();
+        SSL_shutdown(c->ssl);
+        ERR_clear_error();
+    }
+#endif
+    (void)c;
+}
+
 static void close_fd(struct conn *c) {
+#ifdef LOADGEN_TLS
+    if (c->ssl) { SSL_free(c->ssl); c->ssl = NULL; }
+#endif
     if (c->fd >= 0) close(c->fd);
     c->fd = -1;
     if (c->pending) { c->pending = 0; n_pending--; }
@@ -279,6 +414,7 @@ static void txn_done(int i) {
         ok_count++;
         record_latency(t - c->t0);
     }
+    close_notify(c);
     close_fd(c);
     c->state = S_FREE;
     if (t < win_end) start_conn(i);
@@ -296,18 +432,23 @@ static int parse_status(const char *h, size_t n) {
 static int io_ok(int i, ssize_t n, const char *closed, const char *failed) {
     if (n == 0 && closed) { fail(i, E_CLOSED, closed); return 0; }
     if (n < 0) {
-        if (errno != EAGAIN) fail(i, E_IO, failed);
+        if (errno == EPROTO && tls_why[0]) fail(i, E_PROTO, tls_why);
+        else if (errno != EAGAIN) fail(i, E_IO, failed);
         return 0;
     }
     return 1;
 }
 
 /* A bulk tunnel's turn: send (up) or drain (down) until EAGAIN or MAX_STEPS chunks;
-   returns 1 when more work remains without a new edge (caller requeues). */
-static int bulk_steps(int i, int fd, int up) {
+   returns 1 when more work remains without a new edge (caller requeues).
+   Through TLS the bytes must be decrypted (no MSG_TRUNC): they land in `scratch`. */
+static int bulk_steps(int i, int up) {
+    struct conn *c = &conns[i];
     for (int k = 0; k < MAX_STEPS; k++) {
-        ssize_t n = up ? send(fd, bulkbuf, BULK_CHUNK, MSG_NOSIGNAL | MSG_DONTWAIT)
-                       : recv(fd, NULL, 1 << 20, MSG_TRUNC | MSG_DONTWAIT);
+        ssize_t n;
+        if (up) n = conn_send(c, bulkbuf, BULK_CHUNK);
+        else if (tls_ca) n = conn_recv(c, scratch, SCRATCH);
+        else n = recv(c->fd, NULL, 1 << 20, MSG_TRUNC | MSG_DONTWAIT);
         if (!io_ok(i, n, up ? NULL : "bulk-down tunnel closed", up ? "bulk send failed" : "bulk-down recv failed"))
             return 0;
         bytes_total += (uint64_t)n;
@@ -335,17 +476,30 @@ static int drive(int i, uint32_t events) {
                 return 0;
             }
             if (direct) { after_tunnel(i, 0); }
-            else { c->state = S_SEND_REQ; c->off = 0; }
+            else if (tls_ca) {
+#ifdef LOADGEN_TLS
+                if (tls_begin(c) != 0) { fail(i, E_IO, "TLS session set-up failed"); return 0; }
+#endif
+                c->state = S_HANDSHAKE;
+            } else { c->state = S_SEND_REQ; c->off = 0; }
             break;
         }
+#ifdef LOADGEN_TLS
+        case S_HANDSHAKE:
+            if (!io_ok(i, tls_handshake(c), "proxy closed during the TLS handshake", "TLS handshake failed"))
+                return 0;
+            c->state = S_SEND_REQ;
+            c->off = 0;
+            break;
+#endif
         case S_SEND_REQ:
-            n = send(fd, req + c->off, reqlen - c->off, MSG_NOSIGNAL | MSG_DONTWAIT);
+            n = conn_send(c, req + c->off, reqlen - c->off);
             if (!io_ok(i, n, NULL, "send CONNECT failed")) return 0;
             c->off += (uint32_t)n;
             if (c->off == reqlen) { c->state = S_READ_RESP; c->hlen = 0; }
             break;
         case S_READ_RESP: {
-            n = recv(fd, c->hbuf + c->hlen, HBUF - 1 - c->hlen, MSG_DONTWAIT);
+            n = conn_recv(c, c->hbuf + c->hlen, HBUF - 1 - c->hlen);
             if (!io_ok(i, n, "proxy closed before CONNECT response", "recv CONNECT response failed")) return 0;
             c->hlen += (uint32_t)n;
             c->hbuf[c->hlen] = 0;
@@ -369,13 +523,13 @@ static int drive(int i, uint32_t events) {
             break;
         }
         case S_SEND_PAY:
-            n = send(fd, payload + c->off, (size_t)plen - c->off, MSG_NOSIGNAL | MSG_DONTWAIT);
+            n = conn_send(c, payload + c->off, (size_t)plen - c->off);
             if (!io_ok(i, n, NULL, "send payload failed")) return 0;
             c->off += (uint32_t)n;
             if (c->off == (uint32_t)plen) { c->state = S_READ_ECHO; c->off = 0; }
             break;
         case S_READ_ECHO:
-            n = recv(fd, c->rbuf + c->off, (size_t)plen - c->off, MSG_DONTWAIT);
+            n = conn_recv(c, c->rbuf + c->off, (size_t)plen - c->off);
             if (!io_ok(i, n, "tunnel closed before full echo", "recv echo failed")) return 0;
             c->off += (uint32_t)n;
             if (c->off == (uint32_t)plen) {
@@ -390,14 +544,15 @@ static int drive(int i, uint32_t events) {
         case S_IDLE: case S_DONE: {
             if (!(events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))) return 0;
             char b;
-            n = recv(fd, &b, 1, MSG_DONTWAIT | MSG_PEEK);
+            /* through TLS a record may carry no data (a ticket, a KeyUpdate): read, not peek */
+            n = tls_ca ? conn_recv(c, &b, 1) : recv(fd, &b, 1, MSG_DONTWAIT | MSG_PEEK);
             if (!io_ok(i, n, "idle tunnel closed by proxy", "idle tunnel error")) return 0;
             fail(i, E_PROTO, "unexpected data on idle tunnel");
             return 0;
         }
         case S_STREAM_UP:
         case S_STREAM_DOWN:
-            return bulk_steps(i, fd, c->state == S_STREAM_UP);
+            return bulk_steps(i, c->state == S_STREAM_UP);
         default:
             return 0;
         }
@@ -422,7 +577,9 @@ static void usage(void) {
     fprintf(stderr,
             "usage: loadgen -m rate|tls-rate|bulk|bulk-down|idle (-x PROXY | -D) -t TARGET\n"
             "       [-u USER[:PASS]] [-c CONC] [-d SECONDS] [-r RAMP_S] [-n BYTES]\n"
-            "       [-s SNI] [-T OP_TIMEOUT_S] [-i MAX_INFLIGHT] [-H HELLO_FILE] [-A AUTHORITY] [-q]\n");
+            "       [-s SNI] [-T OP_TIMEOUT_S] [-i MAX_INFLIGHT] [-H HELLO_FILE] [-A AUTHORITY]\n"
+            "       [-S CAFILE] [-q]\n"
+            "       loadgen -V   (features)\n");
     exit(2);
 }
 
@@ -434,7 +591,7 @@ static void serve_queued(int i) {
 int main(int argc, char **argv) {
     const char *proxy = NULL, *target = NULL, *hello_out = NULL;
     int opt;
-    while ((opt = getopt(argc, argv, "m:x:Dt:u:c:d:r:n:s:T:i:H:A:qh")) != -1) {
+    while ((opt = getopt(argc, argv, "m:x:Dt:u:c:d:r:n:s:T:i:H:A:S:Vqh")) != -1) {
         switch (opt) {
         case 'm':
             for (int k = 0; k < 5; k++) if (!strcmp(optarg, mode_names[k])) mode = k;
@@ -453,6 +610,14 @@ int main(int argc, char **argv) {
         case 'i': max_inflight = atoi(optarg); break;
         case 'H': hello_out = optarg; break;
         case 'A': authority = optarg; break;
+        case 'S': tls_ca = optarg; break;
+        case 'V':
+#ifdef LOADGEN_TLS
+            printf("{\"tls\":true,\"openssl\":\"%s\"}\n", OpenSSL_version(OPENSSL_VERSION));
+#else
+            printf("{\"tls\":false,\"openssl\":null}\n");
+#endif
+            return 0;
         case 'q': quiet = 1; break;
         default: usage();
         }
@@ -501,6 +666,20 @@ int main(int argc, char **argv) {
         fprintf(stderr, "loadgen: proxy '%s' invalid or not loopback (%d)\n", proxy, r);
         return 2;
     }
+    if (tls_ca) {
+#ifdef LOADGEN_TLS
+        if (direct) { fprintf(stderr, "loadgen: -S needs a proxy (-x)\n"); return 2; }
+        snprintf(proxy_host, sizeof proxy_host, "%s", host); /* what the certificate must name */
+        if (tls_setup(tls_ca) != 0) {
+            const char *why = ERR_reason_error_string(ERR_peek_last_error());
+            fprintf(stderr, "loadgen: -S %s: cannot load the CA file: %s\n", tls_ca, why ? why : "?");
+            return 2;
+        }
+#else
+        fprintf(stderr, "loadgen: -S: built without TLS (OpenSSL headers missing at build time)\n");
+        return 2;
+#endif
+    }
 
     /* CONNECT request, built once */
     req = malloc(2048);
@@ -519,6 +698,7 @@ int main(int argc, char **argv) {
     if (mode == M_TLS) memcpy(payload, hello, hello_len);
     else for (int k = 0; k < plen; k++) payload[k] = (uint8_t)('A' + (k * 7) % 26);
     bulkbuf = malloc(BULK_CHUNK);
+    scratch = malloc(SCRATCH);
     for (int k = 0; k < BULK_CHUNK; k++) bulkbuf[k] = (uint8_t)k;
 
     raise_nofile();
@@ -659,13 +839,15 @@ int main(int argc, char **argv) {
         printf("%s\"%s\":%llu", k ? "," : "", err_names[k], (unsigned long long)errors[k]);
     printf("},\"rate\":%.1f,\"p50_us\":%.1f,\"p90_us\":%.1f,\"p99_us\":%.1f,\"max_us\":%.1f,\"mean_us\":%.1f,"
            "\"samples\":%zu,\"bytes\":%llu,\"mbps\":%.1f,\"established\":%llu,\"alive\":%llu,"
-           "\"open_at_end\":%llu,\"done_all\":%llu,\"bytes_all\":%llu,\"last_error\":\"",
+           "\"open_at_end\":%llu,\"done_all\":%llu,\"bytes_all\":%llu,\"tls_handshakes\":%llu,"
+           "\"tls_hs_mean_us\":%.1f,\"tls_version\":\"%s\",\"tls_cipher\":\"%s\",\"last_error\":\"",
            window > 0 ? (double)ok_count / window : 0.0, pct(50), pct(90), pct(99),
            nsamples ? (double)samples[nsamples - 1] / 1000.0 : 0.0, mean, nsamples,
            (unsigned long long)bytes, window > 0 ? (double)bytes / window / 1e6 : 0.0,
            (unsigned long long)established, (unsigned long long)alive,
            (unsigned long long)open_at_end, (unsigned long long)done_all,
-           (unsigned long long)bytes_total);
+           (unsigned long long)bytes_total, (unsigned long long)hs_count,
+           hs_count ? (double)hs_ns / (double)hs_count / 1000.0 : 0.0, TLS_VERSION_NAME, TLS_CIPHER_NAME);
     for (const char *q = last_error; *q; q++) {
         if (*q == '"' || *q == '\\') putchar('\\');
         if ((unsigned char)*q >= 0x20) putchar(*q);

@@ -4,16 +4,17 @@ gevent relay (the floor of this design) and tinyproxy (when installed), in one r
 identical parameters, then policy scale and reload stall. See bench/README.md for what
 each figure means and how to read it.
 
-    make bench                                   # the full run, about 3 minutes
+    make bench                                   # the full run, about 4 minutes
     .venv/bin/python bench/run.py --quick        # smoke run, < 60 s
     .venv/bin/python bench/run.py --modes rate,tls-rate --duration 3
     .venv/bin/python bench/run.py --proxy-cmd 'LOG_LEVEL=WARN {python} {repo}/egress_guard.py'
     .venv/bin/python bench/run.py --modes rate,tls-rate,bulk --py-spy /path/to/py-spy   # profile
     .venv/bin/python bench/run.py --modes soak [--soak-minutes 10]   # soak: not in the default set
 
-Steps: build the C load generator and upstream server into bench/build/ (gcc only);
-start the upstream (echo / sink / source) pinned to CPU 1; for each proxy in turn
-(direct, egress-guard, gevent-relay, tinyproxy) start it pinned to CPU 0, warm up, run every socket
+Steps: build the C load generator (with OpenSSL when its headers are there) and upstream
+server into bench/build/ (gcc); start the upstream (echo / sink / source) pinned to CPU 1;
+for each proxy in turn (direct, egress-guard, egress-guard-tls: the same behind its TLS
+listener, lean-relay, gevent-relay, tinyproxy) start it pinned to CPU 0, warm up, run every socket
 mode with loadgen pinned to CPU 1, stop it; then the policy-scale micro-benchmark and
 the reload-stall run; print the tables and write the raw JSON to
 bench/build/results-<timestamp>.json.
@@ -59,6 +60,7 @@ RELAYS = ("lean-relay", "gevent-relay")  # bench/peers/<name>.py: gevent relays 
 RAW_KEY = "bench-raw-key"  # identity bench-raw: require_tls false (rate, lat, idle, bulk)
 TLS_KEY = "bench-tls-key"  # identity bench-tls: TLS required, SNI checked (tls-rate)
 DEFAULT_PROXY_CMD = "{python} {repo}/egress_guard.py"
+TLS_ROW = "egress-guard-tls"  # egress-guard's TLS listener (an https:// proxy), loadgen -S
 
 
 
@@ -68,7 +70,9 @@ def log(msg):
 
 # ---------------------------------------------------------------- build
 def build_tools(force=False):
-    """Compile loadgen and upstream with gcc into bench/build/ (only when stale)."""
+    """Compile loadgen and upstream with gcc into bench/build/ (only when stale). loadgen
+    gets its TLS-to-the-proxy mode (-S, OpenSSL) when the OpenSSL headers are there, and
+    is built without it otherwise (the egress-guard (tls) row is then skipped)."""
     gcc = shutil.which("gcc")
     if not gcc:
         sys.exit("bench: gcc not found. The load generator and upstream server are small C programs\n"
@@ -76,17 +80,33 @@ def build_tools(force=False):
                  "  Debian/Ubuntu: apt-get install -y gcc")
     os.makedirs(BUILD, exist_ok=True)
     flags = ["-O2", "-g", "-Wall", "-Wextra", "-Wno-unused-parameter"]
-    for out, src, libs in ((LOADGEN, "loadgen.c", ["-lm"]), (UPSTREAM, "upstream.c", [])):
+    tls = ["-DLOADGEN_TLS", "-lssl", "-lcrypto"]
+    for out, src, variants in ((LOADGEN, "loadgen.c", (["-lm", *tls], ["-lm"])), (UPSTREAM, "upstream.c", ([],))):
         srcs = [os.path.join(HERE, src), os.path.join(HERE, "common.h")]
         if not force and os.path.exists(out) and all(os.path.getmtime(out) >= os.path.getmtime(s) for s in srcs):
             continue
         tmp = out + ".tmp"
-        cmd = [gcc, *flags, "-o", tmp, srcs[0], *libs]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        if r.returncode != 0:
-            sys.exit("bench: building %s failed:\n%s\n%s" % (src, " ".join(cmd), r.stderr))
+        failures = []
+        for libs in variants:
+            cmd = [gcc, *flags, "-o", tmp, srcs[0], *libs]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            if r.returncode == 0:
+                break
+            failures.append("%s\n%s" % (" ".join(cmd), r.stderr.strip()[-1500:]))
+        else:
+            sys.exit("bench: building %s failed:\n%s" % (src, "\n".join(failures)))
         os.replace(tmp, out)
-        log("built %s" % os.path.relpath(out, REPO))
+        log("built %s%s" % (os.path.relpath(out, REPO), " without TLS (OpenSSL headers or libraries missing: "
+                            "apt-get install -y libssl-dev)" if failures else ""))
+
+
+def loadgen_features():
+    """What the built loadgen supports: {"tls": bool, "openssl": version or None}."""
+    try:
+        r = subprocess.run([LOADGEN, "-V"], capture_output=True, text=True, timeout=10)
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return {"tls": False, "openssl": None}
 
 
 # ---------------------------------------------------------------- sampling
@@ -181,7 +201,7 @@ def pinned(cpu, argv):
     return (["taskset", "-c", str(cpu)] if cpu is not None else []) + list(argv)
 
 
-def loadgen_argv(a, mode, proxy_port, direct, target, conc, duration, ramp, auth=None, authority=None):
+def loadgen_argv(a, mode, proxy_port, direct, target, conc, duration, ramp, auth=None, authority=None, ca=None):
     argv = [LOADGEN, "-q", "-m", mode, "-t", target, "-c", str(conc), "-d", str(duration),
             "-r", str(ramp), "-n", str(a.payload), "-s", a.sni, "-T", str(a.op_timeout)]
     if direct:
@@ -192,6 +212,8 @@ def loadgen_argv(a, mode, proxy_port, direct, target, conc, duration, ramp, auth
             argv += ["-u", auth]
         if authority:
             argv += ["-A", authority]
+        if ca:  # TLS to the proxy, its certificate verified against this CA
+            argv += ["-S", ca]
     return pinned(a.gen_cpu, argv)
 
 
@@ -346,12 +368,43 @@ def prepare_egress(a, name, port, policy_text, extra_env=None):
     return [exe] + toks[1:], env, rundir
 
 
-class Target:
-    """One row of the table: how to start it and what each mode sends it."""
+def tls_listener_env(rundir, port):
+    """A CA and a server certificate for 127.0.0.1 (EC P-256 keys, made by trustme for
+    this run) written into the run directory, and the environment that turns egress-guard's
+    TLS listener on at `port` with the plaintext one off. Returns (environment, CA file)."""
+    import trustme
 
-    def __init__(self, name, kind, auth=None, tls_auth=None, tls_authority=None):
+    ca = trustme.CA(key_type=trustme.KeyType.ECDSA)
+    leaf = ca.issue_cert("127.0.0.1", key_type=trustme.KeyType.ECDSA)
+    ca_path, cert_path, key_path = (os.path.join(rundir, f) for f in ("ca.pem", "server.pem", "server-key.pem"))
+    ca.cert_pem.write_to_path(ca_path)
+    with open(cert_path, "wb") as f:
+        for pem in leaf.cert_chain_pems:
+            f.write(pem.bytes())
+    leaf.private_key_pem.write_to_path(key_path)
+    return {"PROXY_PORT": "0", "PROXY_TLS_PORT": str(port), "PROXY_TLS_CERT": cert_path,
+            "PROXY_TLS_KEY": key_path}, ca_path
+
+
+def tls_row_missing(features):
+    """Why the egress-guard (tls) row cannot run here, or None."""
+    if not features.get("tls"):
+        return "loadgen was built without TLS (apt-get install -y libssl-dev, then make bench ARGS=--rebuild)"
+    try:
+        import trustme  # noqa: F401  (requirements-dev.txt)
+    except ImportError:
+        return "trustme is not installed in this Python (it is in requirements-dev.txt)"
+    return None
+
+
+class Target:
+    """One row of the table: how to start it and what each mode sends it. `tls_listener`:
+    egress-guard behind its TLS listener, loadgen speaking TLS to it."""
+
+    def __init__(self, name, kind, auth=None, tls_auth=None, tls_authority=None, tls_listener=False):
         self.name, self.kind = name, kind
         self.auth, self.tls_auth, self.tls_authority = auth, tls_auth, tls_authority
+        self.tls_listener = tls_listener
 
     def creds(self, mode):
         if mode == "tls-rate":
@@ -365,7 +418,7 @@ def bench_one(a, target, port):
     name = target.name
     res = {"name": name, "port": port, "modes": {}, "status": "ok"}
     direct = target.kind == "direct"
-    proc = sampler = rundir = None
+    proc = sampler = rundir = ca = None
     tgt = {"echo": "127.0.0.1:%d" % a.echo_port, "sink": "127.0.0.1:%d" % a.sink_port,
            "source": "127.0.0.1:%d" % a.source_port}
     try:
@@ -374,6 +427,10 @@ def bench_one(a, target, port):
                 raise peers.PeerError("port %d already in use" % port)
             if target.kind == "egress":
                 argv, env, rundir = prepare_egress(a, name, port, bench_policy_yaml(a))
+                if target.tls_listener:
+                    tls_env, ca = tls_listener_env(rundir, port)
+                    env.update(tls_env)
+                    res["loadgen_openssl"] = a.loadgen["openssl"]
             elif target.kind == "relay":
                 relay = os.path.join(HERE, "peers", name.replace("-", "_") + ".py")
                 argv, env, rundir = peers.prepare_command(
@@ -402,7 +459,8 @@ def bench_one(a, target, port):
                                       % (proc.returncode, stage, peers.log_tail(rundir)))
 
         auth, _ = target.creds("rate")
-        w = run_loadgen(loadgen_argv(a, "rate", port, direct, tgt["echo"], 8, a.warmup, 0, auth), a.warmup + 15)
+        w = run_loadgen(loadgen_argv(a, "rate", port, direct, tgt["echo"], 8, a.warmup, 0, auth, ca=ca),
+                        a.warmup + 15)
         check_alive("warm-up")
         if "fatal" in w:
             raise peers.PeerError("warm-up: " + w["fatal"])
@@ -422,7 +480,7 @@ def bench_one(a, target, port):
         for m in a.socket_modes:
             lmode, dst, conc, dur, ramp = plan[m]
             auth, authority = target.creds(m)
-            argv = loadgen_argv(a, lmode, port, direct, dst, conc, dur, ramp, auth, authority)
+            argv = loadgen_argv(a, lmode, port, direct, dst, conc, dur, ramp, auth, authority, ca)
             timeout = ramp + dur + 3 * a.op_timeout + 10 + (a.idle * 0.004 if m == "idle" else 0)
             rss_before = peers.tree_rss_kb(proc.pid) if proc else 0
 
@@ -664,6 +722,24 @@ def cpu_of(r, mode):
     return m.get("cpu_user_s", 0) + m.get("cpu_sys_s", 0)
 
 
+def per_tunnel_cpu(r, mode):
+    """Seconds of proxy CPU per tunnel carried in `mode`, or None."""
+    c, done = cpu_of(r, mode), r["modes"].get(mode, {}).get("done_all")
+    return c / done if c is not None and done else None
+
+
+def per_gb_cpu(r, mode):
+    """Seconds of proxy CPU per GB carried in `mode`, or None."""
+    c, nbytes = cpu_of(r, mode), r["modes"].get(mode, {}).get("bytes_all")
+    return c / (nbytes / 1e9) if c is not None and nbytes else None
+
+
+def load_cpu_per_tunnel(r, mode):
+    """Seconds of loadgen + upstream CPU per tunnel in `mode` (the client's TLS handshakes show here)."""
+    m = r["modes"].get(mode, {})
+    return m["gen_cpu_s"] / m["done_all"] if m.get("done_all") and "gen_cpu_s" in m else None
+
+
 def ratio(v, b, fmt="%.2fx"):
     return "-" if v is None or not b else fmt % (v / b)
 
@@ -713,22 +789,24 @@ def report_sockets(a, results):
                           "-" if lat is None or not blat else "%+.0f us (%.1fx)" % (lat - blat, lat / blat)])
         lines += ["", fmt_table(hdr2, rows2)]
     eg = next((r for r in ok if r["name"] == "egress-guard"), None)
-    others = [r for r in ok if r is not eg and r is not base]
+    tls_row = next((r for r in ok if r["name"] == TLS_ROW), None)
+    others = [r for r in ok if r is not eg and r is not base and r is not tls_row]
     if eg and others:
         hdr3 = ["egress-guard / peer", "tun/s", "tls/s", "bulk", "down", "c1 latency", "KB/tun", "CPU/tunnel"]
         rows3 = []
         for o in others:
             lat, olat = g(eg, "lat", "p50_us"), g(o, "lat", "p50_us")
-            ce, co = cpu_of(eg, "rate"), cpu_of(o, "rate")
-            de, do = eg["modes"].get("rate", {}).get("done_all"), o["modes"].get("rate", {}).get("done_all")
             rows3.append(["vs " + o["name"], ratio(g(eg, "rate", "rate"), g(o, "rate", "rate")),
                           ratio(g(eg, "tls-rate", "rate"), g(o, "tls-rate", "rate")),
                           ratio(g(eg, "bulk", "mbps"), g(o, "bulk", "mbps")),
                           ratio(g(eg, "bulk-down", "mbps"), g(o, "bulk-down", "mbps")),
                           "-" if lat is None or olat is None else "%+.0f us" % (lat - olat),
                           ratio(per_tunnel_kb(eg), per_tunnel_kb(o)),
-                          ratio(ce / de if ce and de else None, co / do if co and do else None)])
+                          ratio(per_tunnel_cpu(eg, "rate"), per_tunnel_cpu(o, "rate"))])
         lines += ["", fmt_table(hdr3, rows3)]
+
+    if eg and tls_row:
+        lines += ["", report_tls_listener(a, eg, tls_row)]
 
     hdr4 = ["CPU (proxy only)", "us/tunnel", "us/tls tunnel", "usr/sys rate", "busy rate", "s/GB up", "s/GB down",
             "busy bulk"]
@@ -736,17 +814,14 @@ def report_sockets(a, results):
     for r in ok:
         if not r.get("pid"):
             continue
-        rate, tls, bulk, down = (r["modes"].get(m, {}) for m in ("rate", "tls-rate", "bulk", "bulk-down"))
-        c_rate, c_tls, c_bulk, c_down = (cpu_of(r, m) for m in ("rate", "tls-rate", "bulk", "bulk-down"))
+        rate, bulk = r["modes"].get("rate", {}), r["modes"].get("bulk", {})
+        c_rate, c_bulk = cpu_of(r, "rate"), cpu_of(r, "bulk")
         rows4.append([
-            r["name"],
-            n(c_rate / rate["done_all"] if c_rate is not None and rate.get("done_all") else None, "%.0f", 1e6),
-            n(c_tls / tls["done_all"] if c_tls is not None and tls.get("done_all") else None, "%.0f", 1e6),
+            r["name"], n(per_tunnel_cpu(r, "rate"), "%.0f", 1e6), n(per_tunnel_cpu(r, "tls-rate"), "%.0f", 1e6),
             ("%.0f/%.0f" % (100 * rate["cpu_user_s"] / max(c_rate, 1e-9), 100 * rate["cpu_sys_s"] / max(c_rate, 1e-9))
              if c_rate else "-"),
             n(c_rate / rate["wall_s"] if c_rate is not None and rate.get("wall_s") else None, "%.0f%%", 100),
-            n(c_bulk / (bulk["bytes_all"] / 1e9) if c_bulk is not None and bulk.get("bytes_all") else None, "%.2f"),
-            n(c_down / (down["bytes_all"] / 1e9) if c_down is not None and down.get("bytes_all") else None, "%.2f"),
+            n(per_gb_cpu(r, "bulk"), "%.2f"), n(per_gb_cpu(r, "bulk-down"), "%.2f"),
             n(c_bulk / bulk["wall_s"] if c_bulk is not None and bulk.get("wall_s") else None, "%.0f%%", 100),
         ])
     if rows4:
@@ -789,6 +864,44 @@ def report_sockets(a, results):
         if parts:
             lines += ["", "Load generator headroom: direct (same loadgen, same CPU) did " + "; ".join(parts) + "."]
     return "\n".join(lines)
+
+
+def report_tls_listener(a, plain, tls):
+    """egress-guard behind its TLS listener against the plaintext listener, same run."""
+    rows = []
+    for label, fmt, scale, get in (
+            ("tunnels/s (rate, c=%d)" % a.conc, "%.0f", 1, lambda r: g(r, "rate", "rate")),
+            ("TLS tunnels/s (tls-rate)", "%.0f", 1, lambda r: g(r, "tls-rate", "rate")),
+            ("rate p99 ms", "%.2f", 1e-3, lambda r: g(r, "rate", "p99_us")),
+            ("bulk up MB/s", "%.0f", 1, lambda r: g(r, "bulk", "mbps")),
+            ("bulk down MB/s", "%.0f", 1, lambda r: g(r, "bulk-down", "mbps")),
+            ("KB per idle tunnel", "%.1f", 1, per_tunnel_kb),
+            ("CPU us per tunnel (rate)", "%.0f", 1e6, lambda r: per_tunnel_cpu(r, "rate")),
+            ("CPU us per TLS tunnel (tls-rate)", "%.0f", 1e6, lambda r: per_tunnel_cpu(r, "tls-rate")),
+            ("CPU s per GB up", "%.2f", 1, lambda r: per_gb_cpu(r, "bulk")),
+            ("CPU s per GB down", "%.2f", 1, lambda r: per_gb_cpu(r, "bulk-down")),
+            ("load side CPU us per tunnel (rate)", "%.0f", 1e6, lambda r: load_cpu_per_tunnel(r, "rate"))):
+        p, t = get(plain), get(tls)
+        rows.append([label, n(p, fmt, scale), n(t, fmt, scale), ratio(t, p)])
+    lat_p, lat_t = g(plain, "lat", "p50_us"), g(tls, "lat", "p50_us")
+    rows.insert(3, ["c=1 p50 latency us", n(lat_p), n(lat_t),
+                    "-" if lat_p is None or lat_t is None else "%+.0f us" % (lat_t - lat_p)])
+    out = fmt_table(["TLS listener vs plaintext", "plaintext", "tls", "tls / plaintext"], rows)
+    lat = tls["modes"].get("lat", {})
+    hs = ["%s us at c=1" % n(lat.get("tls_hs_mean_us"))] if lat.get("tls_handshakes") else []
+    rate = tls["modes"].get("rate", {})
+    if rate.get("tls_handshakes"):
+        hs.append("%s us at c=%d" % (n(rate.get("tls_hs_mean_us")), a.conc))
+    version = next((m.get("tls_version") for m in tls["modes"].values() if m.get("tls_version")), "")
+    cipher = next((m.get("tls_cipher") for m in tls["modes"].values() if m.get("tls_cipher")), "")
+    out += ("\n%s: egress-guard with PROXY_PORT=0 and its TLS listener (EC P-256 certificate made for the run), "
+            "loadgen speaking TLS to it (an https:// proxy; %s, %s; %s) with a full handshake per tunnel, no "
+            "session resumption; same policy, identities and modes as egress-guard. Mean TCP connect + TLS "
+            "handshake seen by loadgen: %s. Bulk through TLS is copied through Python and OpenSSL on "
+            "both directions (no splice)."
+            % (TLS_ROW, version or "?", cipher or "?", tls.get("loadgen_openssl") or "OpenSSL",
+               ", ".join(hs) or "-"))
+    return out
 
 
 def goals(a, results, scale, stall_res, soak_res=None):
@@ -930,6 +1043,9 @@ def parse_args(argv=None):
                          "own design without its checks: the floor), gevent-relay (bench/peers/gevent_relay.py, a "
                          "naive gevent relay), tinyproxy, squid (when installed); comma list, 'none' for none "
                          "(default: %(default)s)")
+    ap.add_argument("--no-tls-listener", dest="tls_listener", action="store_false",
+                    help="leave out the %s row (egress-guard's TLS listener, loadgen speaking TLS to it: the "
+                         "https:// proxy)" % TLS_ROW)
     ap.add_argument("--ramp", type=float, default=None, help="unmeasured ramp before each mode (default 0.5)")
     ap.add_argument("--lat-duration", type=float, default=None, help="seconds of the concurrency-1 run (default 2)")
     ap.add_argument("--warmup", type=float, default=None)
@@ -1023,6 +1139,14 @@ def main(argv=None):
     targets = [Target("direct", "direct"),
                Target("egress-guard", "egress", auth=RAW_KEY, tls_auth=TLS_KEY,
                       tls_authority="%s:%d" % (a.sni, a.echo_port))]
+    a.loadgen = loadgen_features()
+    if a.tls_listener:
+        missing = tls_row_missing(a.loadgen)
+        if missing:
+            notes.append("%s skipped: %s" % (TLS_ROW, missing))
+        else:
+            targets.append(Target(TLS_ROW, "egress", auth=RAW_KEY, tls_auth=TLS_KEY,
+                                  tls_authority="%s:%d" % (a.sni, a.echo_port), tls_listener=True))
     for p in a.peers:
         if p in RELAYS:
             targets.append(Target(p, "relay"))
