@@ -93,6 +93,13 @@ def _optional_path(name: str, text: str) -> str:
     return text.strip()
 
 
+def _switch(name: str, text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("true", "false"):
+        raise SettingsError(f"{name}={text!r}: expected true or false")
+    return value == "true"
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the process reads from its environment."""
@@ -111,6 +118,7 @@ class Settings:
     idle_timeout: float = 900.0
     max_connections: int = 10000
     hosts_file: str = ""
+    status_page: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Settings":
@@ -140,11 +148,12 @@ PARSERS: dict[str, Callable[[str, str], object]] = {
     "idle_timeout": _seconds_or_zero,
     "max_connections": _positive_int,
     "hosts_file": _optional_path,
+    "status_page": _switch,
 }
 
 DESCRIPTIONS: dict[str, str] = {
     "PROXY_PORT": "proxy listener port (CONNECT and plain http:// requests)",
-    "METRICS_PORT": "/health, /ready and /metrics port",
+    "METRICS_PORT": "/health, /ready, /metrics and the status page (/, /status.json) port",
     "PROXY_HOST": "address the proxy listens on (:: for IPv6)",
     "METRICS_HOST": "address the metrics server listens on",
     "CONFIGMAP_PATH": "policy file (a ConfigMap mount)",
@@ -157,6 +166,7 @@ DESCRIPTIONS: dict[str, str] = {
     "IDLE_TIMEOUT": "seconds without traffic before a tunnel closes (0 = never)",
     "MAX_CONNECTIONS": "client connections at once; past it clients get 503",
     "HOSTS_FILE": "optional hosts(5)-format file consulted before DNS",
+    "STATUS_PAGE": "true or false: the status page on METRICS_PORT (/, /status, /status.json)",
 }
 
 def defaults_table() -> list[tuple[str, str, str]]:
@@ -166,6 +176,8 @@ def defaults_table() -> list[tuple[str, str, str]]:
         default = field.default
         if field.name == "log_level":
             default = logging.getLevelName(default)
+        elif isinstance(default, bool):
+            default = "true" if default else "false"
         elif isinstance(default, float) and default.is_integer():
             default = int(default)
         variable = field.name.upper()
