@@ -97,14 +97,15 @@ class StatusPage:
     def __call__(self, environ: dict, start_response: Callable) -> list[bytes]:
         started = time.perf_counter()
         as_json = environ.get("PATH_INFO") == "/status.json"
+        head = environ.get("REQUEST_METHOD") == "HEAD"  # the same answer without its body
         try:
             query = parse_query(environ.get("QUERY_STRING", ""))
         except BadQuery as error:
-            return _reply(start_response, "400 Bad Request", "text/plain; charset=utf-8", f"{error}\n")
+            return _reply(start_response, "400 Bad Request", "text/plain; charset=utf-8", f"{error}\n", head)
         admission, reloader = self.admission(), self.reloader()
         if admission is None or reloader is None:
             return _reply(start_response, "503 Service Unavailable", "text/plain; charset=utf-8",
-                          "no policy loaded yet\n")
+                          "no policy loaded yet\n", head)
         data = self.snapshot(admission, reloader)
         status = "200 OK"
         if any(name in query for name in EXPLAIN_FIELDS):
@@ -114,9 +115,9 @@ class StatusPage:
                 data["explain"] = {"error": str(error)}
                 status = "400 Bad Request"
         if as_json:
-            return _reply(start_response, status, "application/json", json.dumps(data, indent=1) + "\n")
+            return _reply(start_response, status, "application/json", json.dumps(data, indent=1) + "\n", head)
         page = render(data, query, time.perf_counter() - started)
-        return _reply(start_response, status, "text/html; charset=utf-8", page)
+        return _reply(start_response, status, "text/html; charset=utf-8", page, head)
 
     # -- the data -------------------------------------------------------------------
 
@@ -267,7 +268,7 @@ def iso(moment: float) -> str:
     return datetime.fromtimestamp(moment, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _reply(start_response: Callable, status: str, content_type: str, text: str) -> list[bytes]:
+def _reply(start_response: Callable, status: str, content_type: str, text: str, head: bool = False) -> list[bytes]:
     body = text.encode()
     start_response(status, [
         ("Content-Type", content_type),
@@ -277,4 +278,4 @@ def _reply(start_response: Callable, status: str, content_type: str, text: str) 
         ("Referrer-Policy", "no-referrer"),
         ("Cache-Control", "no-store"),
     ])
-    return [body]
+    return [] if head else [body]
