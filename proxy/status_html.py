@@ -26,8 +26,8 @@ table{border-collapse:collapse;width:100%;font-size:13px}
 th,td{text-align:left;padding:.25em .6em;border-bottom:1px solid #e4e8ee;vertical-align:top}
 th{background:#eef1f5;font-weight:600;white-space:nowrap}
 td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-td.w{word-break:break-all}
 code,.mono{font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:12px}
+td.mono{white-space:nowrap}td.w{white-space:normal;overflow-wrap:break-word}
 .alert{background:#fdecea;border:1px solid #f5c2bd;padding:.5em .8em;border-radius:4px}
 .note{color:#667;font-size:12px}
 .s{display:inline-block;padding:0 .45em;border-radius:3px;font-size:12px;background:#e4e8ee;white-space:nowrap}
