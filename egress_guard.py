@@ -49,6 +49,7 @@ from proxy.reload import Reloader, file_state
 from proxy.settings import Settings, SettingsError
 from proxy.status_page import StatusPage
 from proxy.stream import Stream
+from proxy.tls import ServerTLS, TLSConfigError, TLSStream, handshake
 from wire.handshake import FirstFlight
 from wire.tls import ClientHello
 
@@ -69,30 +70,61 @@ class Listener(StreamServer):
             return None
         sock = _socket.socket(self.socket.family, self.socket.type, 0, fd)
         sock.setblocking(False)
-        return Stream(sock), address
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return self.stream(sock), address
+
+    def stream(self, sock: _socket.socket) -> Stream:
+        return Stream(sock)
 
     def do_close(self, stream: Stream, *args: Any) -> None:
         stream.close()
 
 
+class TLSListener(Listener):
+    """The TLS listener (proxy/tls.py): each connection's Stream is a TLS session, with
+    the context in force when it was accepted (its handshake runs in the handler)."""
+
+    def __init__(self, address: tuple[str, int], handle: Callable, server_tls: ServerTLS, **options: Any) -> None:
+        super().__init__(address, handle, **options)
+        self.server_tls = server_tls
+
+    def stream(self, sock: _socket.socket) -> Stream:
+        return TLSStream(sock, self.server_tls.context)
+
+
 class Proxy:
     """The proxy listener: one greenlet per client connection, in blocking style."""
 
-    def __init__(self, settings: Settings, admission: Admission) -> None:
+    def __init__(self, settings: Settings, admission: Admission, server_tls: ServerTLS | None = None) -> None:
         self.settings = settings
         self.admission = admission
         self.records = admission.records
+        self.server_tls = server_tls
         # Unbounded pool: MAX_CONNECTIONS is enforced in handle() with a quick 503, not
         # by leaving clients waiting in the accept backlog.
         self.connections = gevent.pool.Pool(None)
-        self.server: Listener | None = None
+        self.servers: list[Listener] = []
         # Read at scrape time: nothing to update on the hot path.
         admission.metrics.client_connections.set_function(lambda: len(self.connections))
 
     def listen(self) -> None:
-        self.server = Listener((self.settings.proxy_host, self.settings.proxy_port), self.handle,
-                               spawn=self.connections, backlog=4096)
-        self.server.start()
+        """Start the plaintext listener (unless PROXY_PORT=0) and the TLS one (if configured);
+        OSError names the port that failed, in `what`."""
+        settings = self.settings
+        if settings.proxy_port:
+            self._start(Listener((settings.proxy_host, settings.proxy_port), self.handle,
+                                 spawn=self.connections, backlog=4096), "PROXY_PORT", settings.proxy_port)
+        if self.server_tls is not None:
+            self._start(TLSListener((settings.proxy_host, settings.proxy_tls_port), self.handle, self.server_tls,
+                                    spawn=self.connections, backlog=4096), "PROXY_TLS_PORT", settings.proxy_tls_port)
+
+    def _start(self, server: Listener, variable: str, port: int) -> None:
+        try:
+            server.start()
+        except OSError as error:
+            error.what = f"cannot listen on {self.settings.proxy_host}:{port} ({variable})"  # type: ignore[attr-defined]
+            raise
+        self.servers.append(server)
 
     # -- steps 1-3: accept, read and parse the head --------------------------------
 
@@ -105,12 +137,17 @@ class Proxy:
         admission = self.admission
         try:
             if len(self.connections) > self.settings.max_connections:
+                if stream.tls:  # nothing to answer in before the handshake; not worth one now
+                    raise Refusal(Status.LIMITED, "too many connections; closed before the TLS handshake")
                 raise Refusal.answer_http(503, "too many connections; retry shortly", headers=[("Retry-After", "1")])
-            stream.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if stream.tls:
+                flow.listener = "tls"
+                handshake(stream, flow, admission.sweeper, self.settings.header_timeout)
+                flow.certificate = stream.certificate
             buffered = b""
             while True:  # one request per CONNECT; several for keep-alive plain HTTP
                 if flow.method:
-                    flow = Flow(peer, conn)
+                    flow = Flow(peer, conn, flow.listener, flow.certificate)
                     flow.client_stream = stream
                 request, buffered = read_request(stream, buffered, flow, admission.sweeper,
                                                  self.settings.header_timeout)
@@ -206,8 +243,8 @@ class Proxy:
     def drain(self) -> None:
         """Stop accepting, let open connections finish for SHUTDOWN_TIMEOUT, then close them."""
         self.admission.draining = True
-        if self.server is not None:
-            self.server.close()
+        for server in self.servers:
+            server.close()
         open_flows = self.admission.open
         log.info("draining", extra={"connections": len(self.connections), "tunnels": len(open_flows),
                                     "timeout_s": self.settings.shutdown_timeout})
@@ -261,11 +298,19 @@ def serve(settings: Settings) -> int:
     reloaders.append(reloader)
     digest, identities = current.digest, len(current.identities)
     del current  # admission holds the one reference; a reload must be able to free it
-    proxy = Proxy(settings, admission)
+    server_tls = None
+    if settings.tls:
+        try:
+            server_tls = ServerTLS(settings.proxy_tls_cert, settings.proxy_tls_key, settings.proxy_tls_client_ca,
+                                   metrics, log)
+        except TLSConfigError as error:
+            log.error(f"cannot start the TLS listener: {error}")
+            return 1
+    proxy = Proxy(settings, admission, server_tls)
     try:
         proxy.listen()
     except OSError as error:
-        return _startup_error(f"cannot listen on {settings.proxy_host}:{settings.proxy_port} (PROXY_PORT)", error)
+        return _startup_error(getattr(error, "what", "cannot listen"), error)
     holder.append(admission)
     stop = Event()
 
@@ -280,8 +325,13 @@ def serve(settings: Settings) -> int:
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reloader.request, "SIGHUP"))
     background = [gevent.spawn(reloader.watch, settings.watch_interval), gevent.spawn(proxy.housekeeping),
                   gevent.spawn(admission.sweeper.run)]
+    if server_tls is not None:
+        background.append(gevent.spawn(server_tls.watch, settings.watch_interval))
     log.info("egress-guard listening", extra={
-        "version": __version__, "proxy": f"{settings.proxy_host}:{settings.proxy_port}",
+        "version": __version__,
+        "proxy": f"{settings.proxy_host}:{settings.proxy_port}" if settings.proxy_port else None,
+        "proxy_tls": f"{settings.proxy_host}:{settings.proxy_tls_port}" if server_tls else None,
+        "client_certificates": server_tls.client_certificates if server_tls else None,
         "metrics": f"{settings.metrics_host}:{settings.metrics_port}", "policy": digest,
         "path": settings.configmap_path, "identities": identities,
         "hosts_file": settings.hosts_file or None, "pinned_names": len(hosts),
@@ -308,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cli.check_policy(args.file)
     if args.command == "explain":
         return cli.explain(args.file, args.key, args.dest, args.sni, identity_name=args.identity,
-                           addresses=args.address, http_request=args.http,
+                           addresses=args.address, http_request=args.http, certificate=cli.certificate_entries(args),
                            hosts_file=os.environ.get("HOSTS_FILE") or None)
     configure_logging(logging.INFO)
     try:

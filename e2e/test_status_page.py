@@ -62,7 +62,7 @@ TOP_KEYS = {"version", "now", "uptime_s", "draining", "policy", "identities", "t
 POLICY_KEYS = {"digest", "loaded_at", "identities", "destinations", "rejected", "rejected_at"}
 IDENTITY_KEYS = {"name", "in_policy", "mode", "open", "max_tunnels", "last_minute", "bytes_up", "bytes_down"}
 TUNNEL_KEYS = {"conn", "kind", "client", "identity", "destination", "sni", "address", "age_s", "idle_s",
-               "bytes_up", "bytes_down"}
+               "bytes_up", "bytes_down", "listener", "auth"}
 REFUSAL_KEYS = {"time", "client", "identity", "destination", "status", "reason", "rule", "error", "sni", "address"}
 
 

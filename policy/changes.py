@@ -64,6 +64,8 @@ def changes(old: Policy, new: Policy) -> Changes:
                 if getattr(before, option) != getattr(fresh, option)]
         if old_keys.get(name) != new_keys.get(name):
             what.append("api_keys")
+        if set(before.certificates) != set(fresh.certificates):
+            what.append("client_certificates")
         old_texts, new_texts = _texts(before), _texts(fresh)
         if old_texts != new_texts and max(len(old_texts), len(new_texts)) > DIFF_LIMIT:
             what.append(f"allowed_destinations: {len(old_texts)} -> {len(new_texts)} entries, "

@@ -3,7 +3,9 @@
 `judge()` walks the checks in the order a request lives (docs/ARCHITECTURE.md, steps
 4-9) and stops at the first refusal:
 
-1. authenticate      - the API key names an identity (else `auth_required`, 407);
+1. authenticate      - a verified client certificate or the API key names an
+                       identity, and both name the same one when both are given
+                       (else `auth_required`, 407);
 2. plain HTTP        - for an absolute-form http:// request: `allow_http` (403);
 3. destination       - a rule allows this host at this port (403);
 4. addresses         - every address the name resolved to is outside the forbidden
@@ -35,6 +37,7 @@ from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 from .addresses import IPAddress, unwrap
+from .certificates import describe
 from .hosts import Host, HostError, parse_host
 from .model import Identity, Policy, Rule
 
@@ -56,6 +59,9 @@ class Status(enum.StrEnum):
 # Reasons. Detail after ": " is given in brackets.
 REASON_AUTH_MISSING = "proxy authentication required (Proxy-Authorization: Basic, username = API key)"
 REASON_AUTH_UNKNOWN = "unknown API key"
+REASON_CERT_UNKNOWN = "client certificate matches no identity"  # [its entries; and no API key was given]
+REASON_CERT_AMBIGUOUS = "client certificate matches several identities"  # [their names]
+REASON_CREDENTIALS_DISAGREE = "client certificate and API key name different identities"  # [both names]
 REASON_DESTINATION_ALLOWED = "destination allowed"  # [rule text]
 REASON_DESTINATION_NOT_ALLOWED = "destination not allowed"
 REASON_INVALID_PORT = "invalid port"
@@ -184,24 +190,42 @@ class Verdict(NamedTuple):
         return "; ".join(self.reported) or REASON_DESTINATION_ALLOWED
 
 
-def authenticate(policy: Policy, key: str | None) -> Decision | Identity:
-    """Check 1: the identity owning `key`, or the refusal (never relaxed)."""
+def authenticate(policy: Policy, key: str | None, certificate: Sequence[str] = ()) -> Decision | Identity:
+    """Check 1: the identity the credentials prove, or the refusal (never relaxed).
+
+    `certificate`: the entries of the client's verified certificate (empty: none). A
+    certificate naming an identity needs no key; one naming none falls back to the key.
+    A certificate and a key naming different identities are refused, never chosen from.
+    """
+    by_certificate = policy.by_certificate(certificate) if certificate else ()
+    if len(by_certificate) > 1:
+        names = ", ".join(identity.name for identity in by_certificate)
+        return Decision(False, Status.AUTH_REQUIRED, _detail(REASON_CERT_AMBIGUOUS, names))
     if key is None:
+        if by_certificate:
+            return by_certificate[0]
+        if certificate:
+            return Decision(False, Status.AUTH_REQUIRED,
+                            _detail(REASON_CERT_UNKNOWN, f"{describe(certificate)}; and no API key was given"))
         return Decision(False, Status.AUTH_REQUIRED, REASON_AUTH_MISSING)
     identity = policy.authenticate(key)
     if identity is None:
         return Decision(False, Status.AUTH_REQUIRED, REASON_AUTH_UNKNOWN)
+    if by_certificate and by_certificate[0] is not identity:
+        return Decision(False, Status.AUTH_REQUIRED, _detail(
+            REASON_CREDENTIALS_DISAGREE, f"certificate: {by_certificate[0].name}, API key: {identity.name}"))
     return identity
 
 
 def judge(policy: Policy, key: str | None, question: Question, identity: Identity | None = None,
-          prior: Verdict | None = None) -> Verdict:
+          prior: Verdict | None = None, certificate: Sequence[str] = ()) -> Verdict:
     """Walk the check list for `question`.
 
-    `identity` skips check 1 when the caller already authenticated `key` against this
-    same `policy`. `prior` is the verdict the same request got from this same `policy`
-    on fewer facts (the live path asks again as it learns more): its decisions stand,
-    and only the checks whose facts are new since then run.
+    `key` and `certificate` are the credentials (check 1). `identity` skips check 1 when
+    the caller already authenticated them against this same `policy`. `prior` is the
+    verdict the same request got from this same `policy` on fewer facts (the live path
+    asks again as it learns more): its decisions stand, and only the checks whose facts
+    are new since then run.
     """
     if prior is not None:
         asked = prior.question
@@ -211,7 +235,7 @@ def judge(policy: Policy, key: str | None, question: Question, identity: Identit
         _continue(policy, prior.identity, question, decisions, asked)
         return Verdict.of(prior.identity, decisions, question)
     if identity is None:
-        found = authenticate(policy, key)
+        found = authenticate(policy, key, certificate)
         if isinstance(found, Decision):
             return Verdict.of(None, (found,), question)
         identity = found

@@ -20,6 +20,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from .addresses import DEFAULT_FORBIDDEN, ForbiddenRanges, NetworkError, network_key, parse_network
+from .certificates import EntryError, parse_entry
 from .destinations import DestinationError, parse_destination
 from .expectations import Expectation, parse_tests, run_tests
 from .model import MODES, Identity, Policy, PolicyError, Rule, key_digest
@@ -29,7 +30,7 @@ __all__ = ["load_policy_file", "load_policy_text", "warnings"]
 
 TOP_KEYS = ("identities", "settings", "tests")
 SETTINGS_KEYS = ("forbidden_ranges",)
-IDENTITY_KEYS = ("api_keys", "allowed_destinations", "mode", "require_tls", "allow_http", "max_tunnels")
+IDENTITY_KEYS = ("api_keys", "client_certificates", "allowed_destinations", "mode", "require_tls", "allow_http", "max_tunnels")
 
 # "-" is the identity label of unauthenticated requests in metrics and logs.
 RESERVED_IDENTITY_NAMES = frozenset({"-"})
@@ -248,6 +249,8 @@ class _Compiler:
         self.problems = problems
         # digest -> (identity name, index) of the first key with that digest
         self.keys: dict[bytes, tuple[str, int]] = {}
+        # canonical client_certificates entry -> (identity name, index) of its first use
+        self.certificates: dict[str, tuple[str, int]] = {}
         # the tests: section, validated (run by load_policy_text once the policy compiled)
         self.tests: tuple[Expectation, ...] = ()
 
@@ -283,8 +286,9 @@ class _Compiler:
         if problems:
             return None
         key_digests = {d: name for d, (name, _) in self.keys.items()}
-        return Policy(identities=identities, key_digests=key_digests, forbidden=forbidden, digest=digest,
-                      test_count=len(self.tests))
+        certificates = {entry: name for entry, (name, _) in self.certificates.items()}
+        return Policy(identities=identities, key_digests=key_digests, certificates=certificates,
+                      forbidden=forbidden, digest=digest, test_count=len(self.tests))
 
     def settings(self, raw: Any) -> ForbiddenRanges:
         if raw is None:
@@ -320,7 +324,8 @@ class _Compiler:
         self.identity_name(name)
         if not isinstance(raw, dict):
             self.problems.append(
-                f"{where}must be a mapping with api_keys and allowed_destinations, not {type_name(raw)}"
+                f"{where}must be a mapping with api_keys (or client_certificates) and allowed_destinations, "
+                f"not {type_name(raw)}"
             )
             return None
         self.problems.extend(unknown_keys(where, raw, IDENTITY_KEYS))
@@ -339,7 +344,9 @@ class _Compiler:
             self.problems.append(f"{where}max_tunnels {show(max_tunnels)}: must be a positive integer")
         elif "max_tunnels" in raw and max_tunnels is None:
             self.problems.append(f"{where}max_tunnels: must be a positive integer (omit it for no limit)")
-        self.api_keys(name, where, raw)
+        certificates = self.client_certificates(name, where, raw)
+        listed = raw.get("client_certificates")
+        self.api_keys(name, where, raw, required=not (isinstance(listed, list) and listed))
         rules = self.destinations(where, raw, report=mode == "report")
         if len(self.problems) > start:
             return None
@@ -350,6 +357,7 @@ class _Compiler:
             allow_http=options["allow_http"],
             max_tunnels=max_tunnels,
             rules=tuple(rules),
+            certificates=certificates,
         )
 
     def identity_name(self, name: Any) -> None:
@@ -364,17 +372,21 @@ class _Compiler:
         elif name in RESERVED_IDENTITY_NAMES:
             self.problems.append(f"identity name {name!r}: reserved for unauthenticated requests")
 
-    def api_keys(self, name: Any, where: str, raw: dict[Any, Any]) -> None:
+    def api_keys(self, name: Any, where: str, raw: dict[Any, Any], *, required: bool) -> None:
+        """`required`: the identity has no client_certificates entry, so it needs a key."""
         if "api_keys" not in raw:
-            self.problems.append(f"{where}missing api_keys")
+            if required:
+                self.problems.append(f"{where}missing api_keys (or client_certificates): "
+                                     "an identity needs at least one way to prove it")
             return
         keys = raw["api_keys"]
         if not isinstance(keys, list):
             # The value is not shown: it may be a key written without the list dash.
             self.problems.append(f"{where}api_keys must be a list of keys, not {type_name(keys)}")
             return
-        if not keys:
-            self.problems.append(f"{where}api_keys is empty: an identity needs at least one key")
+        if not keys and required:
+            self.problems.append(f"{where}api_keys is empty: an identity needs at least one key "
+                                 "(or a client_certificates entry)")
         for index, key in enumerate(keys):
             label = f"{where}api_keys[{index}]"
             digest = self.key(label, key)
@@ -390,6 +402,35 @@ class _Compiler:
                     f"{label}: same key as identity {show(seen[0])} api_keys[{seen[1]}]; "
                     f"keys must be unique across identities"
                 )
+
+    def client_certificates(self, name: Any, where: str, raw: dict[Any, Any]) -> tuple[str, ...]:
+        """The canonical `client_certificates` entries of one identity (policy/certificates.py);
+        each entry may name one identity only."""
+        if "client_certificates" not in raw:
+            return ()
+        entries = raw["client_certificates"]
+        if not isinstance(entries, list):
+            self.problems.append(f"{where}client_certificates must be a list of entries such as "
+                                 f"'uri:spiffe://...', not {type_name(entries)}")
+            return ()
+        found: list[str] = []
+        for index, entry in enumerate(entries):
+            label = f"{where}client_certificates[{index}] {show(entry)}"
+            try:
+                canonical = parse_entry(entry)
+            except EntryError as err:
+                self.problems.append(f"{label}: {err}")
+                continue
+            seen = self.certificates.get(canonical)
+            if seen is None:
+                self.certificates[canonical] = (name, index)
+                found.append(canonical)
+            elif seen[0] == name:
+                self.problems.append(f"{label}: same entry as client_certificates[{seen[1]}]")
+            else:
+                self.problems.append(f"{label}: also in identity {show(seen[0])} client_certificates[{seen[1]}]; "
+                                     "a certificate must name one identity")
+        return tuple(found)
 
     def key(self, label: str, key: Any) -> bytes | None:
         """The stored digest of one api_keys entry, or None after recording a problem."""

@@ -141,7 +141,8 @@ def _index(pairs: Iterable[tuple[str, int]]) -> dict[str, int | tuple[int, ...]]
 
 
 class Identity:
-    """A named set of clients (sharing API keys) and what they may reach.
+    """A named set of clients (sharing API keys, or client certificates carrying one of
+    `certificates`) and what they may reach.
 
     Immutable. Identities compare by object: two loads of the same file give distinct
     identities, which is what revocation after a reload needs.
@@ -153,11 +154,11 @@ class Identity:
     for (`match`, `rules`).
     """
 
-    __slots__ = ("name", "mode", "require_tls", "allow_http", "max_tunnels",
+    __slots__ = ("name", "mode", "require_tls", "allow_http", "max_tunnels", "certificates",
                  "_texts", "_kinds", "_ports", "_targets", "_names", "_suffixes", "_networks", "_built")
 
     def __init__(self, *, name: str, mode: str = "enforce", require_tls: bool = True, allow_http: bool = True,
-                 max_tunnels: int | None = None, rules: Iterable[Rule] = ()) -> None:
+                 max_tunnels: int | None = None, rules: Iterable[Rule] = (), certificates: Iterable[str] = ()) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}")
         kept = tuple(rules)
@@ -175,7 +176,8 @@ class Identity:
                 numbered.append((number, rule))
         fields = {
             "name": name, "mode": mode, "require_tls": require_tls, "allow_http": allow_http,
-            "max_tunnels": max_tunnels, "_texts": texts, "_targets": targets, "_kinds": kinds,
+            "max_tunnels": max_tunnels, "certificates": tuple(certificates),
+            "_texts": texts, "_targets": targets, "_kinds": kinds,
             "_ports": array("I", (_port_code(rule.ports) for rule in kept)),
             "_names": MappingProxyType(_index((r.target, i) for i, r in numbered if r.kind == "domain")),
             "_suffixes": MappingProxyType(_index((r.target, i) for i, r in numbered if r.kind == "wildcard")),
@@ -287,17 +289,21 @@ class Policy:
     """An immutable, compiled policy snapshot.
 
     `key_digests` maps the SHA-256 digest of every API key to its identity's name; keys
-    themselves are never held. `digest` is a short hash of the source text, a version
-    string for logs. `test_count` is how many entries of the file's `tests:` section the
-    policy passed when it was loaded (policy/expectations.py).
+    themselves are never held. `certificates` maps every `client_certificates` entry (in
+    its canonical form, policy/certificates.py) to its identity's name. `digest` is a
+    short hash of the source text, a version string for logs. `test_count` is how many
+    entries of the file's `tests:` section the policy passed when it was loaded
+    (policy/expectations.py).
     """
 
     identities: Mapping[str, Identity]
     key_digests: Mapping[bytes, str] = field(repr=False)
+    certificates: Mapping[str, str] = field(default_factory=dict)
     forbidden: ForbiddenRanges = DEFAULT_FORBIDDEN
     digest: str = ""
     test_count: int = 0
     _keys: Mapping[bytes, tuple[bytes, Identity]] = field(init=False, repr=False)
+    _certs: Mapping[str, Identity] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         identities = MappingProxyType(dict(self.identities))
@@ -305,6 +311,8 @@ class Policy:
         object.__setattr__(self, "identities", identities)
         object.__setattr__(self, "key_digests", MappingProxyType(dict(self.key_digests)))
         object.__setattr__(self, "_keys", keys)
+        object.__setattr__(self, "certificates", MappingProxyType(dict(self.certificates)))
+        object.__setattr__(self, "_certs", {entry: identities[name] for entry, name in self.certificates.items()})
 
     def authenticate(self, api_key: str | bytes) -> Identity | None:
         """The identity owning `api_key`, or None.
@@ -323,6 +331,18 @@ class Policy:
         if hmac.compare_digest(stored, presented) and identity is not None:
             return identity
         return None
+
+    def by_certificate(self, entries: Iterable[str]) -> tuple[Identity, ...]:
+        """The identities a verified certificate's entries (policy/certificates.py) name,
+        each once, in the order of the entries: none, one, or (a certificate carrying
+        names of two identities) several, which the caller must refuse, not choose from."""
+        found: list[Identity] = []
+        certs = self._certs
+        for entry in entries:
+            identity = certs.get(entry)
+            if identity is not None and identity not in found:
+                found.append(identity)
+        return tuple(found)
 
     @property
     def key_count(self) -> int:

@@ -51,9 +51,13 @@ class Admission:
         flow.method, flow.host, flow.port = request.method, request.host, request.port
         flow.http = not request.is_connect
         flow.key = credentials(request)
-        verdict = judge(current, flow.key, flow.question())
-        if verdict.identity is not None:
-            flow.identity = verdict.identity.name
+        certificate = flow.certificate
+        verdict = judge(current, flow.key, flow.question(), certificate=certificate)
+        identity = verdict.identity
+        if identity is not None:
+            flow.identity = identity.name
+            flow.auth = auth = "certificate" if certificate and current.by_certificate(certificate) else "api_key"
+            self.metrics.count_auth(identity.name, auth, flow.listener)
         apply(flow, verdict)
         flow.verdict = verdict
         assert verdict.identity is not None
@@ -140,9 +144,14 @@ _ENFORCED = frozenset({Status.DENIED, Status.AUTH_REQUIRED, Status.SNI_MISMATCH}
 def refused_by(current: Policy, flow: Flow) -> str | None:
     """Why `current` would refuse `flow`, judged on everything it has established so
     far; None if it would not."""
-    verdict = judge(current, flow.key, flow.question())
-    if verdict.identity is None:
+    verdict = judge(current, flow.key, flow.question(), certificate=flow.certificate)
+    identity = verdict.identity
+    if identity is None:
+        if flow.auth == "certificate":
+            return f"the client certificate no longer proves an identity: {verdict.reason}"
         return "API key no longer in the policy"
+    if identity.name != flow.identity:
+        return f"the credentials now name identity {identity.name}, not {flow.identity}"
     refusal = verdict.refusal
     return refusal.reason if refusal is not None else None
 

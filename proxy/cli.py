@@ -15,6 +15,7 @@ import policy
 from policy import PolicyError
 from policy.load import warnings as policy_warnings
 from policy.addresses import IPAddress
+from policy.certificates import canonical
 from proxy.dial import load_hosts_file
 from proxy.settings import defaults_table
 from wire import http
@@ -68,9 +69,11 @@ class Explanation:
     reason: str | None
     rule: str | None
     notes: tuple[str, ...]
+    proven_by: str | None = None  # "API key" or "client certificate" (None: named, not proven)
 
     def lines(self) -> list[str]:
-        lines = ["allowed" if self.allowed else "denied", f"identity: {self.identity}"]
+        how = f" (by {self.proven_by})" if self.proven_by else ""
+        lines = ["allowed" if self.allowed else "denied", f"identity: {self.identity}{how}"]
         if self.reason is not None:
             lines.append(f"reason: {self.reason}")
         if self.rule is not None:
@@ -79,15 +82,25 @@ class Explanation:
 
 
 def explain(path: str, key: str | None, dest: str, sni: str | None, *, identity_name: str | None = None,
-            addresses: Sequence[str] = (), http_request: bool = False, hosts_file: str | None = None) -> int:
-    """`explain FILE (--key KEY | --identity NAME) --dest HOST:PORT [--sni NAME]
-    [--address IP]... [--http]`: the decision, offline (see `judge_request`)."""
+            addresses: Sequence[str] = (), http_request: bool = False, hosts_file: str | None = None,
+            certificate: Sequence[str] = ()) -> int:
+    """`explain FILE (--key KEY | --identity NAME | --cert-uri/--cert-dns/--cert-cn VALUE...)
+    --dest HOST:PORT [--sni NAME] [--address IP]... [--http]`: the decision, offline (see
+    `judge_request`)."""
+    if identity_name is not None and certificate:
+        print("--identity names the identity already: give certificate names (--cert-*) with --key, or alone",
+              file=sys.stderr)
+        return 2
+    if identity_name is None and key is None and not certificate:
+        print("say who asks: --key KEY, --identity NAME, or a client certificate's --cert-uri/--cert-dns/--cert-cn",
+              file=sys.stderr)
+        return 2
     current = _load(path)
     if current is None:
         return 2
     try:
         explanation = judge_request(current, key, dest, sni, identity_name=identity_name, addresses=addresses,
-                                    http_request=http_request, hosts_file=hosts_file)
+                                    http_request=http_request, hosts_file=hosts_file, certificate=certificate)
     except ExplainInputError as error:
         print(error, file=sys.stderr)
         return 2
@@ -97,8 +110,12 @@ def explain(path: str, key: str | None, dest: str, sni: str | None, *, identity_
 
 def judge_request(current: policy.Policy, key: str | None, dest: str, sni: str | None, *,
                   identity_name: str | None = None, addresses: Sequence[str] = (), http_request: bool = False,
-                  hosts_file: str | None = None, fields: Mapping[str, str] = CLI_FIELDS) -> Explanation:
+                  hosts_file: str | None = None, fields: Mapping[str, str] = CLI_FIELDS,
+                  certificate: Sequence[str] = ()) -> Explanation:
     """How `current` judges a request for `dest`, with what the live proxy would know.
+
+    `certificate`: the entries a verified client certificate would carry (``uri:...``,
+    ``dns:...``, ``cn:...``), judged as the TLS listener judges them, with `key` if given.
 
     The same check list as the live proxy (`policy.judge`): an IP target is its own
     address; a name's addresses are `addresses`, else its HOSTS_FILE entry (as the
@@ -128,10 +145,11 @@ def judge_request(current: policy.Policy, key: str | None, dest: str, sni: str |
         if identity is None:
             known = ", ".join(sorted(current.identities)[:20])
             raise ExplainInputError(f"unknown identity {identity_name!r} (the policy has: {known})")
-    verdict = policy.judge(current, key, question, identity)
+    proven = tuple(certificate)
+    verdict = policy.judge(current, key, question, identity, certificate=proven)
     identity = verdict.identity
     if identity is None:
-        return Explanation(False, policy.Status.AUTH_REQUIRED, "-", "unknown API key (the proxy answers 407)",
+        return Explanation(False, policy.Status.AUTH_REQUIRED, "-", f"{verdict.reason} (the proxy answers 407)",
                            None, ())
     notes = []
     if source:
@@ -147,8 +165,11 @@ def judge_request(current: policy.Policy, key: str | None, dest: str, sni: str |
         reason = refusal.reason
     elif verdict.reported:
         reason = f"report mode lets it through: {verdict.reason}"
+    proven_by = None
+    if identity_name is None:
+        proven_by = "client certificate" if proven and current.by_certificate(proven) else "API key"
     return Explanation(refusal is None, verdict.status, identity.name, reason,
-                       verdict.rule.text if verdict.rule is not None else None, tuple(notes))
+                       verdict.rule.text if verdict.rule is not None else None, tuple(notes), proven_by)
 
 
 def _url_target(url: str) -> str | None:
@@ -199,8 +220,15 @@ def _addresses(host: policy.Host, given: Sequence[str], hosts_file: str | None, 
     return None, ""
 
 
+def certificate_entries(args: argparse.Namespace) -> tuple[str, ...]:
+    """The `--cert-*` values as the entries a verified certificate would carry."""
+    return tuple(canonical(kind, value) for kind in ("uri", "dns", "cn") for value in getattr(args, f"cert_{kind}"))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    environment = "\n".join(f"  {name:<17} {default:<31} {text}" for name, default, text in defaults_table())
+    rows = defaults_table()
+    width = max(len(name) for name, _, _ in rows)
+    environment = "\n".join(f"  {name:<{width}} {default:<31} {text}" for name, default, text in rows)
     parser = argparse.ArgumentParser(
         prog="egress_guard.py",
         description="egress-guard: an HTTP CONNECT egress proxy with per-identity allowlists and SNI checks. "
@@ -216,9 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     why = commands.add_parser("explain", help="show how a policy judges one request, offline "
                                               "(exit 0 allowed, 1 denied, 2 bad input)")
     why.add_argument("file", help="policy YAML file")
-    who = why.add_mutually_exclusive_group(required=True)
+    who = why.add_mutually_exclusive_group()
     who.add_argument("--key", help="the API key (Basic username) the client sends")
     who.add_argument("--identity", help="the identity's name in the policy (instead of a key)")
+    for kind, what in (("uri", "a URI subject alternative name, e.g. spiffe://cluster.local/ns/NS/sa/SA"),
+                       ("dns", "a DNS subject alternative name"), ("cn", "the subject common name")):
+        why.add_argument(f"--cert-{kind}", action="append", default=[], metavar="VALUE",
+                         help=f"the client certificate carries {what} (repeatable; with or without --key)")
     why.add_argument("--dest", required=True, help="the CONNECT target, HOST:PORT or [IPv6]:PORT "
                                                    "(with --http: the http:// URL's host and port)")
     why.add_argument("--sni", help="the SNI the client's TLS ClientHello carries")

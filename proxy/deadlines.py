@@ -48,6 +48,15 @@ class Sweeper:
         flow.deadline = time.monotonic() + seconds
         self.armed.add(flow)
 
+    def wait(self, flow: Flow, watcher: object, seconds: float, armed: bool) -> bool:
+        """Wait on `watcher` within the current phase's deadline, arming it `seconds` from
+        now at the phase's first wait (`armed` False); True, the phase is armed. Raises
+        `Deadline` when it passes (the caller disarms in its `finally`)."""
+        if not armed:
+            self.arm(flow, seconds)
+        hub().wait(watcher)
+        return True
+
     def disarm(self, flow: Flow) -> None:
         flow.deadline = 0.0
         self.armed.discard(flow)

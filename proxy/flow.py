@@ -39,9 +39,9 @@ class Flow:
 
     __slots__ = (
         # the request
-        "conn", "client", "method", "key", "host", "port", "http",
+        "conn", "client", "listener", "certificate", "method", "key", "host", "port", "http",
         # the decision so far
-        "identity", "status", "reason", "rule", "address", "tls", "sni", "established", "verdict",
+        "identity", "auth", "status", "reason", "rule", "address", "tls", "sni", "established", "verdict",
         # once admitted
         "client_stream", "upstream", "slot", "started", "up", "down", "last", "idle",
         "counted_up", "counted_down", "ended_by",
@@ -49,15 +49,18 @@ class Flow:
         "deadline", "seen", "quiet_since",
     )
 
-    def __init__(self, client: str, conn: str = "") -> None:
+    def __init__(self, client: str, conn: str = "", listener: str = "plain", certificate: tuple[str, ...] = ()) -> None:
         self.conn = conn or connection_id()  # the client connection's id in every line about it
         self.client = client  # "address:port" of the client, as logged
+        self.listener = listener  # "plain" or "tls": which listener the client came in by
+        self.certificate = certificate  # the entries of its verified client certificate (policy/certificates.py)
         self.method = ""
         self.key: str | None = None  # kept only to re-authenticate on reload; never logged (see __repr__)
         self.host: Host | None = None
         self.port = 0
         self.http = False  # a plain-HTTP exchange rather than a CONNECT tunnel
         self.identity = UNAUTHENTICATED
+        self.auth: str | None = None  # how the identity was proven: "api_key" or "certificate"
         self.status: str = Status.ALLOWED
         self.reason = ""
         self.rule: str | None = None

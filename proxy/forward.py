@@ -248,6 +248,8 @@ def next_request_started(admission: Admission, client: socket.socket) -> bool:
     The handler's head timeout answers 408 and records a decision; for a client that is
     merely idle between requests that would be a stray response and a false "timeout".
     """
+    if getattr(client, "pending", None) is not None and client.pending():
+        return True  # the TLS listener's session holds the next request's bytes already
     deadline = time.monotonic() + admission.settings.header_timeout
     while not admission.draining:
         remaining = deadline - time.monotonic()

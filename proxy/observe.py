@@ -73,10 +73,19 @@ class Metrics:
                                       buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, float("inf")))
         self.revoked = metric(Counter, "egress_proxy_tunnels_revoked_total",
                               "Open tunnels closed because a reloaded policy no longer allows them.", ("identity",))
+        self.authentications = metric(Counter, "egress_proxy_authentications_total",
+                                      "Requests whose credentials proved an identity, by how "
+                                      "(auth: api_key or certificate) and listener (plain or tls).",
+                                      ("identity", "auth", "listener"))
+        self.tls_reloads = metric(Counter, "egress_proxy_tls_reloads_total",
+                                  "Times the TLS listener's certificate, key or client CA were reloaded.")
+        self.tls_load_errors = metric(Counter, "egress_proxy_tls_load_errors_total",
+                                      "Changed TLS listener files that did not load (the ones in force stayed).")
         # Label children resolved once: `.labels()` takes a lock and builds a tuple key.
         self._request_children: dict[tuple[str, str, str], Any] = {}
         self._destinations: dict[str, set[str]] = {}
         self._byte_children: dict[tuple[str, str], Any] = {}
+        self._auth_children: dict[tuple[str, str, str], Any] = {}
 
     def destination_label(self, identity: str, destination: str) -> str:
         """The bounded label value for `destination` requested by `identity`."""
@@ -97,6 +106,13 @@ class Metrics:
         child = self._request_children.get(key)
         if child is None:
             child = self._request_children[key] = self.requests.labels(*key)
+        child.inc()
+
+    def count_auth(self, identity: str, auth: str, listener: str) -> None:
+        key = (identity, auth, listener)
+        child = self._auth_children.get(key)
+        if child is None:
+            child = self._auth_children[key] = self.authentications.labels(*key)
         child.inc()
 
     def count_bytes(self, identity: str, upstream: int, downstream: int) -> None:
@@ -303,9 +319,11 @@ class Records:
             q = _quote
             line = (f'{{"timestamp": "{formatter.rfc3339(time.time())}", "level": "{logging.getLevelName(level)}", '
                     f'"message": "request", "conn": {q(flow.conn)}, "client": {q(flow.client)}, '
-                    f'"method": {q(flow.method)}, '
+                    f'"listener": "{flow.listener}", "method": {q(flow.method)}, '
                     f'"identity": {q(flow.identity)}, "destination": {q(flow.destination)}, '
                     f'"action": {q(status)}, "reason": {q(reason)}')
+            if flow.auth is not None:
+                line += f', "auth": "{flow.auth}"'
             if flow.address is not None:
                 line += f', "address": {q(str(flow.address))}'
             if flow.sni is not None:
@@ -317,12 +335,15 @@ class Records:
         fields = {
             "conn": flow.conn,
             "client": flow.client,
+            "listener": flow.listener,
             "method": flow.method,
             "identity": flow.identity,
             "destination": flow.destination,
             "action": status,
             "reason": reason,
         }
+        if flow.auth is not None:
+            fields["auth"] = flow.auth
         if flow.address is not None:
             fields["address"] = str(flow.address)
         if flow.sni is not None:

@@ -182,7 +182,7 @@ def _copy(source: Stream, sink: Stream, flow: Flow, upstream: bool) -> None:
 def _recv_send(source: Stream, sink: Stream, flow: Flow, upstream: bool, upgrade: bool = True) -> bool:
     """Copy with recv/send; True when the stream looks bulk and splice can take over."""
     recv, send, readable, wait = source.sock.recv, sink.sock.send, source.readable, hub().wait
-    bulk_ok = upgrade and PIPES.enabled
+    bulk_ok = upgrade and PIPES.enabled and source.splice and sink.splice
     while True:
         try:
             data = recv(CHUNK)

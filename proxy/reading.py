@@ -10,7 +10,7 @@ from __future__ import annotations
 from proxy.deadlines import Deadline, Sweeper
 from proxy.flow import Flow
 from proxy.refusal import Refusal, from_parse_error
-from proxy.stream import Stream, hub
+from proxy.stream import Stream
 from wire import http
 
 
@@ -56,11 +56,8 @@ def read_head(client: Stream, buffered: bytes, flow: Flow, sweeper: Sweeper, tim
             try:
                 data = recv(http.MAX_HEAD_BYTES + 5 - len(buf))
             except BlockingIOError:
-                if not armed:
-                    sweeper.arm(flow, timeout)
-                    armed = True
                 try:
-                    hub().wait(client.readable)
+                    armed = sweeper.wait(flow, client.readable, timeout, armed)
                 except Deadline:
                     raise Refusal.answer_http(408, f"no complete request head within {timeout:g} s") from None
                 continue

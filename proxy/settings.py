@@ -34,6 +34,12 @@ def _port(name: str, text: str) -> int:
     return value
 
 
+def _port_or_off(name: str, text: str) -> int:
+    if text.strip() == "0":
+        return 0
+    return _port(name, text)
+
+
 def _integer(name: str, text: str) -> int:
     try:
         return int(text.strip(), 10)
@@ -119,6 +125,15 @@ class Settings:
     max_connections: int = 10000
     hosts_file: str = ""
     status_page: bool = True
+    proxy_tls_port: int = 4751
+    proxy_tls_cert: str = ""
+    proxy_tls_key: str = ""
+    proxy_tls_client_ca: str = ""
+
+    @property
+    def tls(self) -> bool:
+        """Is the TLS listener on (PROXY_TLS_CERT and PROXY_TLS_KEY set)?"""
+        return bool(self.proxy_tls_cert)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Settings":
@@ -128,13 +143,31 @@ class Settings:
             variable = field.name.upper()
             if variable in env:
                 values[field.name] = PARSERS[field.name](variable, env[variable])
-        return cls(**values)
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """The rules between variables (each alone parsed fine)."""
+        if bool(self.proxy_tls_cert) != bool(self.proxy_tls_key):
+            given, missing = (("PROXY_TLS_CERT", "PROXY_TLS_KEY") if self.proxy_tls_cert
+                              else ("PROXY_TLS_KEY", "PROXY_TLS_CERT"))
+            raise SettingsError(f"{given} is set but {missing} is not: the TLS listener needs both")
+        if self.proxy_tls_client_ca and not self.tls:
+            raise SettingsError("PROXY_TLS_CLIENT_CA is set but the TLS listener is off: "
+                                "client certificates need PROXY_TLS_CERT and PROXY_TLS_KEY too")
+        if not self.proxy_port and not self.tls:
+            raise SettingsError("PROXY_PORT=0 turns the plaintext listener off, and the TLS listener is off "
+                                "(PROXY_TLS_CERT, PROXY_TLS_KEY): nothing would listen")
+        if self.tls and self.proxy_tls_port == self.proxy_port:
+            raise SettingsError(f"PROXY_TLS_PORT={self.proxy_tls_port}: the same port as PROXY_PORT; "
+                                "give the TLS listener a port of its own (or PROXY_PORT=0)")
 
 
 # Field name -> the parser of its variable's value. With DESCRIPTIONS, also the
 # source of `--help`'s environment table (`defaults_table`).
 PARSERS: dict[str, Callable[[str, str], object]] = {
-    "proxy_port": _port,
+    "proxy_port": _port_or_off,
     "metrics_port": _port,
     "proxy_host": _bind_address,
     "metrics_host": _bind_address,
@@ -149,10 +182,14 @@ PARSERS: dict[str, Callable[[str, str], object]] = {
     "max_connections": _positive_int,
     "hosts_file": _optional_path,
     "status_page": _switch,
+    "proxy_tls_port": _port,
+    "proxy_tls_cert": _optional_path,
+    "proxy_tls_key": _optional_path,
+    "proxy_tls_client_ca": _optional_path,
 }
 
 DESCRIPTIONS: dict[str, str] = {
-    "PROXY_PORT": "proxy listener port (CONNECT and plain http:// requests)",
+    "PROXY_PORT": "plaintext proxy listener port (CONNECT and plain http:// requests; 0 = off)",
     "METRICS_PORT": "/health, /ready, /metrics and the status page (/, /status.json) port",
     "PROXY_HOST": "address the proxy listens on (:: for IPv6)",
     "METRICS_HOST": "address the metrics server listens on",
@@ -167,6 +204,10 @@ DESCRIPTIONS: dict[str, str] = {
     "MAX_CONNECTIONS": "client connections at once; past it clients get 503",
     "HOSTS_FILE": "optional hosts(5)-format file consulted before DNS",
     "STATUS_PAGE": "true or false: the status page on METRICS_PORT (/, /status, /status.json)",
+    "PROXY_TLS_PORT": "TLS proxy listener port (https:// proxy URLs), on with the next two",
+    "PROXY_TLS_CERT": "PEM certificate chain of the TLS listener (re-read when it changes)",
+    "PROXY_TLS_KEY": "PEM private key of the TLS listener (re-read when it changes)",
+    "PROXY_TLS_CLIENT_CA": "PEM CA bundle that client certificates are verified against",
 }
 
 def defaults_table() -> list[tuple[str, str, str]]:

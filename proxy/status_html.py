@@ -172,12 +172,11 @@ def _tunnels(tunnels: dict[str, Any]) -> Iterable[str]:
         if not rows:
             yield '<p class="note">None.</p>'
             continue
-        via = any("auth" in row or "listener" in row for row in rows)
         yield ('<table id="' + key + '"><thead><tr><th>identity</th><th>destination</th><th>SNI</th>'
-               '<th>address dialled</th><th>client</th>' + ("<th>via</th>" if via else "") +
+               '<th>address dialled</th><th>client</th><th>via</th>'
                '<th>age</th><th>idle</th><th>bytes up</th><th>bytes down</th></tr></thead><tbody>')
         for row in rows:
-            how = (f'<td>{_e(row.get("listener"))} / {_e(row.get("auth"))}</td>' if via else "")
+            how = f'<td>{_e(row["listener"])} / {_e(row["auth"])}</td>'
             idle = duration(row["idle_s"]) if row["idle_s"] is not None else "&ndash;"
             kind = ' <span class="note">(http)</span>' if row["kind"] == "http" else ""
             yield (f'<tr><td class="w">{_e(row["identity"])}</td><td class="w mono">{_e(row["destination"])}{kind}</td>'

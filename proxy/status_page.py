@@ -229,11 +229,9 @@ def _tunnel(flow: Any, now: float, tracked: bool) -> dict[str, Any]:
         "idle_s": round(idle, 1) if idle is not None else None,
         "bytes_up": flow.up,
         "bytes_down": flow.down,
+        "listener": flow.listener,  # "plain" or "tls"
+        "auth": flow.auth,  # "api_key" or "certificate"
     }
-    for name in ("listener", "auth"):  # a TLS listener's flows say how they came in
-        value = getattr(flow, name, None)
-        if value is not None:
-            row[name] = value
     return row
 
 

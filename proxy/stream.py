@@ -36,6 +36,8 @@ class Stream:
     """A non-blocking socket and its read and write watchers."""
 
     __slots__ = ("sock", "readable", "_writable", "owned", "wrapper")
+    tls = False  # a TLSStream (proxy/tls.py): `sock` is a TLS session over the socket
+    splice = True  # may the pump splice this socket's bytes (not through user-space TLS)
 
     def __init__(self, sock: socket.socket, readable: Any = None, writable: Any = None, wrapper: Any = None) -> None:
         self.sock = sock
@@ -130,7 +132,10 @@ class Stream:
 
 
 def wait_readable(first: Stream, second: Stream | None = None) -> Stream:
-    """The first of the streams with something to read (data, EOF or an error)."""
+    """The first of the streams with something to read (data, EOF or an error).
+    (A TLS stream may hold decrypted bytes while its socket is quiet: asked first.)"""
+    if first.tls and first.sock.pending():
+        return first
     if second is None:
         hub().wait(first.readable)
         return first

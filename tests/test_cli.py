@@ -241,3 +241,42 @@ def test_explain_notes_the_sni_only_for_an_allowed_name() -> None:
     assert denied.stdout.splitlines()[:3] == [
         "denied", "identity: frontend-services", "reason: forbidden address: 169.254.169.254 in 169.254.0.0/16 (link-local)"]
     assert "must carry SNI" not in denied.stdout
+
+
+CERT_POLICY = """
+identities:
+  web:
+    client_certificates: ["uri:spiffe://cluster.local/ns/shop/sa/web", "dns:web.shop.svc"]
+    allowed_destinations: ["api.example.com"]
+  legacy:
+    api_keys: ["legacy-key"]
+    allowed_destinations: ["api.example.com"]
+"""
+
+
+@pytest.mark.parametrize(("args", "code", "lines"), [
+    (["--cert-uri", "spiffe://cluster.local/ns/shop/sa/web"], 0, ["allowed", "identity: web (by client certificate)"]),
+    (["--cert-dns", "WEB.shop.svc."], 0, ["allowed", "identity: web (by client certificate)"]),
+    (["--cert-cn", "nobody"], 1, ["denied", "reason: client certificate matches no identity: cn:nobody"]),
+    (["--cert-cn", "nobody", "--key", "legacy-key"], 0, ["allowed", "identity: legacy (by API key)"]),
+    (["--cert-dns", "web.shop.svc", "--key", "legacy-key"], 1,
+     ["denied", "reason: client certificate and API key name different identities: certificate: web, API key: legacy"]),
+], ids=["uri", "dns", "unmatched", "unmatched-with-key", "disagree"])
+def test_explain_with_certificate_names(tmp_path: Path, args: list[str], code: int, lines: list[str]) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(CERT_POLICY)
+    result = cli("explain", str(path), "--dest", "api.example.com:443", *args)
+    assert result.returncode == code, result.stdout + result.stderr
+    for line in lines:
+        assert any(out.startswith(line) for out in result.stdout.splitlines()), (line, result.stdout)
+
+
+@pytest.mark.parametrize(("args", "problem"), [
+    (["--identity", "web", "--cert-cn", "x"], "--identity names the identity already"),
+    ([], "say who asks"),
+])
+def test_explain_needs_one_way_to_say_who_asks(tmp_path: Path, args: list[str], problem: str) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(CERT_POLICY)
+    result = cli("explain", str(path), "--dest", "api.example.com:443", *args)
+    assert result.returncode == 2 and problem in result.stderr, result.stderr

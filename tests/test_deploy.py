@@ -51,9 +51,10 @@ DOCKERFILE = ROOT / "Dockerfile"
 # The oldest Kubernetes the manifests support (the kubelet's preStop `sleep` action is
 # on by default from 1.30) and the newest schemas kubernetes-validate bundles.
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
-KUSTOMIZATIONS = ("base", "overlays/monitoring", "client-namespace")
+KUSTOMIZATIONS = ("base", "overlays/monitoring", "overlays/tls", "client-namespace")
 # Custom resources: no schema in kubernetes-validate; checked structurally below.
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule"),
+             ("cert-manager.io/v1", "Issuer"), ("cert-manager.io/v1", "Certificate")}
 # Labels Prometheus attaches to every scraped series (target labels), plus `le` on buckets.
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "endpoint", "container"}
 # Series an expression may use that egress-guard itself does not export.
@@ -575,8 +576,9 @@ def test_kustomization_renders_and_validates_strictly(kustomization: str) -> Non
 
 
 def manifest_files() -> list[Path]:
+    """Whole manifests (patches are partial by design: they are validated rendered)."""
     skip = {"kustomization.yaml", "egress-policy.yaml"}
-    return sorted(p for p in DEPLOY.rglob("*.yaml") if p.name not in skip)
+    return sorted(p for p in DEPLOY.rglob("*.yaml") if p.name not in skip and not p.name.endswith("-patch.yaml"))
 
 
 @pytest.mark.parametrize("path", manifest_files(), ids=lambda p: str(p.relative_to(DEPLOY)))
@@ -603,7 +605,7 @@ def test_strict_validation_rejects_unknown_fields() -> None:
 def test_no_manifest_is_left_out_of_its_kustomization(kustomization: str) -> None:
     directory = DEPLOY / kustomization
     config = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    used = set(config.get("resources", []))
+    used = set(config.get("resources", [])) | {p["path"] for p in config.get("patches", []) if "path" in p}
     for generator in config.get("configMapGenerator", []) + config.get("secretGenerator", []):
         used |= {f.split("=")[-1] for f in generator.get("files", [])}
     for path in directory.glob("*.yaml"):
@@ -799,7 +801,7 @@ def test_client_namespace_policy_allows_only_dns_and_the_proxy() -> None:
     namespace = find(base(), "Namespace")["metadata"]["name"]
     assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": namespace}
     assert selects(peer["podSelector"]["matchLabels"], POD_LABELS)
-    assert _ports(proxy) == {("TCP", int(DEFAULTS["PROXY_PORT"]))}
+    assert _ports(proxy) == {("TCP", int(DEFAULTS["PROXY_PORT"])), ("TCP", int(DEFAULTS["PROXY_TLS_PORT"]))}
 
 
 def test_example_client_uses_the_service_and_a_secret_key() -> None:
@@ -994,3 +996,35 @@ def test_promql_checker_catches_mistakes() -> None:
     assert promql_problems('sum by (destination) (egress_proxy_bytes_total)') \
         == ["by (destination): no aggregated series carries that label"]
     assert output_labels(parse_promql('sum by (pod) (x) > 0 and sum(y) > 1')) == {"pod"}
+
+
+# ---------------------------------------------------------------------------
+# Kubernetes: the TLS overlay
+
+
+def test_tls_overlay_mounts_what_the_proxy_reads_and_opens_the_port() -> None:
+    docs = rendered("overlays/tls")
+    spec = find(docs, "Deployment", "egress-guard")["spec"]["template"]["spec"]
+    (proxy,) = spec["containers"]
+    values = {item["name"]: item["value"] for item in proxy["env"] if "value" in item}
+    mounts = {m["name"]: m for m in proxy["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for variable, volume in (("PROXY_TLS_CERT", "tls"), ("PROXY_TLS_KEY", "tls"), ("PROXY_TLS_CLIENT_CA", "client-ca")):
+        mount = mounts[volume]
+        assert values[variable].startswith(mount["mountPath"] + "/") and mount["readOnly"], (variable, mount)
+        assert "subPath" not in mount, "a subPath mount never sees a rotated Secret"
+    examples = list(yaml.safe_load_all((DEPLOY / "overlays/tls/example-certificate.yaml").read_text()))
+    listener = next(d for d in examples if d["kind"] == "Certificate" and "server auth" in d["spec"].get("usages", ()))
+    assert volumes["tls"]["secret"]["secretName"] == listener["spec"]["secretName"]
+    assert volumes["tls"]["secret"]["defaultMode"] == 0o440 and spec["securityContext"]["fsGroup"] == 10001
+    assert values["PROXY_TLS_CERT"].endswith("/tls.crt") and values["PROXY_TLS_KEY"].endswith("/tls.key")
+    tls_port = int(values["PROXY_TLS_PORT"])
+    assert [p["containerPort"] for p in proxy["ports"] if p["name"] == "proxy-tls"] == [tls_port]
+    service = find(docs, "Service", "egress-guard")
+    assert {"name": "proxy-tls", "port": tls_port, "targetPort": "proxy-tls", "protocol": "TCP"} in service["spec"]["ports"]
+    admitted = find(docs, "NetworkPolicy", "egress-guard")["spec"]["ingress"][0]["ports"]
+    assert {"protocol": "TCP", "port": tls_port} in admitted
+    client = find(rendered("client-namespace"), "NetworkPolicy")["spec"]["egress"][-1]["ports"]
+    assert {"protocol": "TCP", "port": tls_port} in client
+    # The base stays as it was: no TLS port that nothing listens on.
+    assert "proxy-tls" not in {p["name"] for p in find(base(), "Service", "egress-guard")["spec"]["ports"]}
