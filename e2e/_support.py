@@ -139,10 +139,12 @@ class Proxy:
     """One `python egress_guard.py` process and its files."""
 
     def __init__(self, workdir: Path, policy: str | None, env: dict[str, Any] | None = None,
-                 hosts: str = HOSTS, wait: bool = True) -> None:
+                 hosts: str = HOSTS, wait: bool = True, launch: Callable[[Proxy], list[str]] | None = None) -> None:
         """Start the proxy in `workdir` with `policy` written to workdir/egress-policy.yaml
         (None: write nothing, e.g. when `env` points CONFIGMAP_PATH elsewhere). `env`
-        overrides the defaults below; a value of None removes the variable."""
+        overrides the defaults below; a value of None removes the variable. `launch`
+        gives the command line instead of `python egress_guard.py` (e.g. the image in a
+        container), called once the files and `env` are in place."""
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.hosts_path = workdir / "hosts"
@@ -173,7 +175,8 @@ class Proxy:
             self.policy_path.write_text(policy)
         self.returncode: int | None = None
         with open(self.log_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.process = subprocess.Popen([sys.executable, "egress_guard.py"], cwd=REPO, env=self.env,
+            command = launch(self) if launch is not None else [sys.executable, "egress_guard.py"]
+            self.process = subprocess.Popen(command, cwd=REPO, env=self.env,
                                             stdout=out, stderr=err, stdin=subprocess.DEVNULL)
         if wait:
             self.wait_ready()
@@ -311,8 +314,8 @@ class ProxyFactory:
         self.started: list[Proxy] = []
 
     def __call__(self, policy: str | None, **env: Any) -> Proxy:
-        wait = env.pop("_wait", True)
-        proxy = Proxy(self.mktemp(), policy, env, wait=False)
+        wait, launch = env.pop("_wait", True), env.pop("_launch", None)
+        proxy = Proxy(self.mktemp(), policy, env, wait=False, launch=launch)
         self.started.append(proxy)
         if wait:
             proxy.wait_ready()

@@ -76,7 +76,8 @@ def banner_upstream() -> Iterator[Upstream]:
 def start_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyFactory]:
     """Factory: start_proxy(policy_yaml, NAME=value, ...) -> a ready Proxy (stopped at teardown).
 
-    Pass `_wait=False` to get the process without waiting for /ready (startup errors).
+    Pass `_wait=False` to get the process without waiting for /ready (startup errors),
+    `_launch=` for another command line (see `_support.Proxy`).
     """
     factory = ProxyFactory(lambda: tmp_path_factory.mktemp("proxy"))
     yield factory

@@ -59,6 +59,8 @@ TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "endpoint", "
 # Series an expression may use that egress-guard itself does not export.
 PROMETHEUS_SERIES = {"up"}
 DEFAULTS = {name: default for name, default, _ in defaults_table()}
+# A pod listens on every interface; the proxy's own default is loopback (`make run`, pip).
+LISTEN_EVERYWHERE = {"PROXY_HOST": "0.0.0.0", "METRICS_HOST": "0.0.0.0"}
 POD_LABELS = {"app.kubernetes.io/name": "egress-guard", "app.kubernetes.io/component": "proxy"}
 
 
@@ -394,7 +396,11 @@ def test_dockerfile_is_multi_stage_on_a_pinned_base() -> None:
 
 def test_runtime_stage_only_copies_what_runs() -> None:
     stage = final_stage()
-    assert instruction(stage, "RUN") == [], "the runtime stage installs nothing (no package manager, no build tools)"
+    (remove,) = instruction(stage, "RUN")  # the base's installer goes; nothing comes
+    commands = [c.strip().split()[0] for c in remove.split("&&")]
+    assert commands == ["site=\"$(python", "bundled=\"$(python", "rm"], remove
+    for word in ("pip", "setuptools", '"$bundled"'):
+        assert word in remove.split("rm -rf", 1)[1], f"{word} stays in the runtime stage"
     copies = instruction(stage, "COPY")
     assert copies and all("--from=" in c for c in copies), "the runtime stage takes files from the builder only"
 
@@ -423,6 +429,8 @@ def test_runtime_stage_user_ports_entrypoint_and_healthcheck() -> None:
     assert variables["PYTHONDONTWRITEBYTECODE"] == "1", "nothing to write on a read-only root filesystem"
     for name in ("CONFIGMAP_PATH", "PROXY_PORT", "METRICS_PORT"):
         assert variables[name] == DEFAULTS[name]
+    for name, value in LISTEN_EVERYWHERE.items():
+        assert variables[name] == value, f"{name}: a container listens on every interface"
     labels = " ".join(instruction(stage, "LABEL"))
     for key in ("title", "description", "version", "licenses", "base.name"):
         assert f"org.opencontainers.image.{key}=" in labels
@@ -617,7 +625,8 @@ def test_no_manifest_is_left_out_of_its_kustomization(kustomization: str) -> Non
 
 def test_deployment_env_matches_the_proxy_defaults() -> None:
     values = env()
-    for name, default in DEFAULTS.items():
+    assert DEFAULTS["PROXY_HOST"] == DEFAULTS["METRICS_HOST"] == "127.0.0.1"
+    for name, default in {**DEFAULTS, **LISTEN_EVERYWHERE}.items():
         if default.startswith("("):
             continue  # optional, unset by default
         assert values.get(name) == default, f"{name}: {values.get(name)!r}, the proxy's default is {default!r}"
