@@ -8,7 +8,8 @@ PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 RUNTIME := $(VENV)/.runtime
 DEV     := $(VENV)/.installed
 WHEELS  := $(VENV)/wheels
-IMAGE   ?= egress-guard:$(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' proxy/cli.py)
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' proxy/cli.py)
+IMAGE   ?= egress-guard:$(VERSION)
 
 .PHONY: run test tools image bench lint clean
 
@@ -38,7 +39,7 @@ test: $(DEV) tools
 # The container image, with docker where a daemon answers, else podman.
 image:
 	@.ci/ensure-tools image
-	.ci/engine build -t $(IMAGE) .
+	.ci/engine build --build-arg VERSION=$(VERSION) -t $(IMAGE) .
 
 bench: $(DEV)
 	$(PY) bench/run.py $(ARGS)
