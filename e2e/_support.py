@@ -87,6 +87,12 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
 
 
+def run(argv: Iterable[Any], timeout: float = 180, **kwargs: Any) -> subprocess.CompletedProcess:
+    """Run a command to completion (no stdin), its output captured as text."""
+    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL, **kwargs)
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.05) -> Any:
     """Poll `predicate` until it returns something truthy; that value, or the last falsy one."""
     deadline = time.monotonic() + timeout

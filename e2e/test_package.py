@@ -12,59 +12,11 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-from _support import APP_POLICY, REPO, Proxy, tunnel_works
+from _support import APP_POLICY, REPO, Proxy, run, tunnel_works
 
 from proxy import cli
-
-WHEELS = REPO / ".venv" / "wheels"
-# What a checkout holds that the package is built from (tests, e2e, bench, deploy are not in it).
-SOURCES = ("pyproject.toml", "README.md", "LICENSE", "requirements.txt", "egress_guard.py", "policy", "proxy", "wire")
-
-
-def run(argv: list, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=180,
-                          stdin=subprocess.DEVNULL, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """sdist and wheel, built from a copy of the checkout (the checkout stays clean)."""
-    source = tmp_path_factory.mktemp("source")
-    for name in SOURCES:
-        origin = REPO / name
-        if origin.is_dir():
-            shutil.copytree(origin, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        else:
-            shutil.copy2(origin, source / name)
-    out = tmp_path_factory.mktemp("dist")
-    built = run([sys.executable, "-m", "build", "--no-isolation", "--outdir", out, source])
-    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
-    return out
-
-
-@pytest.fixture(scope="module")
-def wheel(dist: Path) -> Path:
-    (found,) = dist.glob("*.whl")
-    return found
-
-
-@pytest.fixture(scope="module")
-def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A fresh venv with the wheel installed from local files only; its bin/."""
-    if not any(WHEELS.glob("gevent-*.whl")):
-        pytest.fail(f"{WHEELS} holds no runtime wheels: `make test` downloads them (pip download -r requirements.txt)")
-    venv = tmp_path_factory.mktemp("venv")
-    made = run([sys.executable, "-m", "venv", venv])
-    assert made.returncode == 0, made.stderr
-    pip = run([venv / "bin/python", "-m", "pip", "install", "--quiet", "--no-index", "--find-links", WHEELS, wheel],
-              env={"PATH": "/usr/bin:/bin", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_CONFIG_FILE": "/dev/null"})
-    assert pip.returncode == 0, pip.stdout + pip.stderr
-    yield venv / "bin"
-
 
 def checkout(*args: str) -> subprocess.CompletedProcess:
     return run([sys.executable, "egress_guard.py", *args], cwd=REPO)

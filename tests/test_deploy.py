@@ -1,12 +1,14 @@
-"""The operators' packaging: Dockerfile, Kubernetes manifests, alerts and dashboard.
+"""The operators' packaging: Dockerfile, Kubernetes manifests, alerts and dashboard, the
+Compose file.
 
 Everything here runs offline from wheels in requirements-dev.txt: hadolint lints the
 Dockerfile, kubectl renders the kustomizations, kubernetes-validate checks every object
 against the bundled Kubernetes schemas in strict mode, promql-parser parses every alert and
-panel query. Metric and label names are taken from the real `proxy.observe.Metrics`, so a
+panel query, check-jsonschema checks the Compose file against the Compose specification's
+schema (its bundled copy). Metric and label names are taken from the real `proxy.observe.Metrics`, so a
 dashboard or alert can never drift from what the proxy exports.
 
-No Docker engine is needed: the image's runtime layout (exactly the files the Dockerfile
+No Docker engine is needed here (e2e/test_image.py builds and runs the real image): the image's runtime layout (exactly the files the Dockerfile
 copies, byte-compiled like the builder does, read-only, non-root) is rebuilt in a
 temporary directory and started there.
 """
@@ -40,7 +42,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
-from proxy import observe
+from proxy import cli, observe
 from policy import Status
 from proxy.settings import defaults_table
 
@@ -584,7 +586,7 @@ def test_kustomization_renders_and_validates_strictly(kustomization: str) -> Non
 
 def manifest_files() -> list[Path]:
     skip = {"kustomization.yaml", "egress-policy.yaml"}
-    return sorted(p for p in DEPLOY.rglob("*.yaml") if p.name not in skip)
+    return sorted(p for p in DEPLOY.rglob("*.yaml") if p.name not in skip and p.relative_to(DEPLOY).parts[0] != "compose")
 
 
 @pytest.mark.parametrize("path", manifest_files(), ids=lambda p: str(p.relative_to(DEPLOY)))
@@ -1003,3 +1005,40 @@ def test_promql_checker_catches_mistakes() -> None:
     assert promql_problems('sum by (destination) (egress_proxy_bytes_total)') \
         == ["by (destination): no aggregated series carries that label"]
     assert output_labels(parse_promql('sum by (pod) (x) > 0 and sum(y) > 1')) == {"pod"}
+
+
+# ---------------------------------------------------------------------------
+# Compose (deploy/compose/compose.yaml)
+
+COMPOSE = DEPLOY / "compose" / "compose.yaml"
+
+
+def test_compose_file_validates_against_the_compose_specification(tmp_path: Path) -> None:
+    command = [tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec"]
+    checked = run([*command, str(COMPOSE)])
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    typo = tmp_path / "compose.yaml"
+    typo.write_text(COMPOSE.read_text().replace("read_only: true\n    user:", "readonly: true\n    user:"))
+    assert "readonly" in typo.read_text()
+    assert run([*command, str(typo)]).returncode != 0, "the schema check must reject an unknown key"
+
+
+def test_compose_runs_the_image_as_the_manifests_do() -> None:
+    (service,) = yaml.safe_load(COMPOSE.read_text())["services"].values()
+    stage = final_stage()
+    assert service["image"] == f"egress-guard:{cli.__version__}"
+    assert service["read_only"] is True and service["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in service["security_opt"]
+    assert service["user"] == instruction(stage, "USER")[0]
+    (mount,) = service["volumes"]
+    assert (mount["type"], mount["target"], mount["read_only"]) == ("bind", str(Path(DEFAULTS["CONFIGMAP_PATH"]).parent), True)
+    assert not mount["source"].endswith(".yaml"), "the directory: a file mount never sees an edit"
+    ports = {str(p).rsplit(":", 1)[-1]: str(p) for p in service["ports"]}
+    assert set(ports) == {DEFAULTS["PROXY_PORT"], DEFAULTS["METRICS_PORT"]}
+    assert ports[DEFAULTS["METRICS_PORT"]].startswith("127.0.0.1:"), "metrics stay local"
+    healthcheck = json.loads(instruction(stage, "HEALTHCHECK")[0].split(" CMD ", 1)[1])
+    assert service["healthcheck"]["test"] == ["CMD", *healthcheck], "the image's HEALTHCHECK"
+    grace = re.fullmatch(r"(\d+)s", service["stop_grace_period"])
+    assert service["stop_signal"] == "SIGTERM"
+    assert grace and int(grace[1]) > float(service["environment"]["SHUTDOWN_TIMEOUT"]), "drain before SIGKILL"
