@@ -23,10 +23,12 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 
 WORKDIR /app
 
+# The dependencies' own test suites (gevent, greenlet, zope.interface: ~6 MB) never run here.
 COPY requirements.txt /tmp/requirements.txt
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --only-binary=:all: -r /tmp/requirements.txt \
- && /opt/venv/bin/pip uninstall --yes pip setuptools
+ && /opt/venv/bin/pip uninstall --yes pip setuptools \
+ && find /opt/venv/lib -depth -type d \( -name tests -o -path '*/gevent/testing' \) -exec rm -rf {} +
 
 COPY egress_guard.py egress-policy.yaml ./
 COPY policy/ policy/
