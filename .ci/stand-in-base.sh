@@ -46,7 +46,7 @@ if [[ -f /etc/ssl/certs/ca-certificates.crt ]]; then
   cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
   printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' >"$root/etc/pip.conf"
 fi
-tar -C "$root" -c . | podman import \
+tar -C "$root" -c . | podman import --quiet \
   --change 'ENV LANG=C.UTF-8' \
   --change 'ENV PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin' \
   --change 'LABEL org.egress-guard.stand-in=debian-bookworm-python3' \

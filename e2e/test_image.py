@@ -16,7 +16,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from _support import (
     closed_by_peer,
     connect,
     recv_exactly,
+    run,
     tls_wrap,
     tunnel_works,
     wait_until,
@@ -48,14 +48,12 @@ _names = itertools.count()
 
 
 def engine(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([ENGINE, *args], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    return run([ENGINE, *args], timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def engine_name() -> str:
-    ready = subprocess.run([str(REPO / ".ci" / "ensure-tools"), "image"], capture_output=True, text=True,
-                           timeout=BUILD_TIMEOUT, stdin=subprocess.DEVNULL)
+    ready = run([REPO / ".ci" / "ensure-tools", "image"], timeout=BUILD_TIMEOUT)
     name = engine("--name").stdout.strip()
     if not name:
         pytest.skip(f"no container engine could be installed here (.ci/ensure-tools image: {ready.stderr.strip()})")
