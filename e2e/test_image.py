@@ -37,6 +37,8 @@ from _support import (
     wait_until,
 )
 
+from proxy import cli
+
 ENGINE = str(REPO / ".ci" / "engine")
 BUILD_TIMEOUT = 900  # a cold machine: the base's packages and the wheels come over the network
 SHUTDOWN_TIMEOUT = 4
@@ -162,6 +164,12 @@ def test_image_serves_as_the_manifests_run_it(containers, image: str, engine_nam
     assert checked.returncode == 0, f"HEALTHCHECK failed: {checked.stdout}{checked.stderr}"
     unhealthy = engine("exec", "-e", "METRICS_PORT=1", proxy.container, *healthcheck[1:])
     assert unhealthy.returncode != 0, "the HEALTHCHECK command must fail when nothing answers"
+
+
+def test_image_names_the_version_once_written(image: str) -> None:
+    assert image_config(image)["Labels"]["org.opencontainers.image.version"] == cli.__version__
+    shown = engine("run", "--rm", "--network", "none", image, "--version")
+    assert (shown.returncode, shown.stdout) == (0, f"egress-guard {cli.__version__}\n"), shown.stderr
 
 
 def test_image_has_no_installer_or_compiler(image: str) -> None:
