@@ -4,7 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 # `make run` needs only the runtime requirements; `make test` adds the test tooling and
-# keeps the runtime wheels at hand for the offline install test (tests/test_package.py).
+# keeps the runtime wheels (and the build backend) at hand for the offline install tests
+# (e2e/test_package.py).
 RUNTIME := $(VENV)/.runtime
 DEV     := $(VENV)/.installed
 WHEELS  := $(VENV)/wheels
@@ -20,7 +21,8 @@ $(RUNTIME): requirements.txt
 
 $(DEV): $(RUNTIME) requirements-dev.txt
 	$(PIP) -r requirements-dev.txt
-	$(PY) -m pip download --quiet --disable-pip-version-check --only-binary=:all: -d $(WHEELS) -r requirements.txt
+	$(PY) -m pip download --quiet --disable-pip-version-check --only-binary=:all: -d $(WHEELS) \
+	  -r requirements.txt $$(grep '^setuptools==' requirements-dev.txt)
 	touch $@
 
 # Run the proxy on the example policy, on 127.0.0.1 (the example's keys are public);

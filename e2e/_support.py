@@ -29,6 +29,9 @@ from typing import Any, Self
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# The pinned runtime wheels (and the build backend) `make test` downloads: packages install
+# from them offline.
+WHEELS = REPO / ".venv" / "wheels"
 READY_TIMEOUT = 15.0
 STOP_TIMEOUT = 30.0
 IO_TIMEOUT = 10.0
@@ -91,6 +94,19 @@ def run(argv: Iterable[Any], timeout: float = 180, **kwargs: Any) -> subprocess.
     """Run a command to completion (no stdin), its output captured as text."""
     return subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL, **kwargs)
+
+
+def fresh_venv(parent: Path, *requirements: Path | str) -> Path:
+    """A new venv with `requirements` installed by pip from local files only; its bin/."""
+    if not any(WHEELS.glob("gevent-*.whl")):
+        pytest.fail(f"{WHEELS} holds no runtime wheels: `make test` downloads them (pip download -r requirements.txt)")
+    made = run([sys.executable, "-m", "venv", parent])
+    assert made.returncode == 0, made.stderr
+    pip = run([parent / "bin/python", "-m", "pip", "install", "--quiet", "--no-index", "--find-links", WHEELS,
+               *requirements],
+              env={"PATH": "/usr/bin:/bin", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_CONFIG_FILE": "/dev/null"})
+    assert pip.returncode == 0, pip.stdout + pip.stderr
+    return parent / "bin"
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.05) -> Any:

@@ -22,10 +22,8 @@ from pathlib import Path
 
 import pytest
 import trustme
-from _support import REPO, Proxy, ProxyFactory, Upstream, run, server_context
+from _support import REPO, Proxy, ProxyFactory, Upstream, fresh_venv, run, server_context
 
-# The pinned runtime wheels `make test` downloads (the package is installed from them, offline).
-WHEELS = REPO / ".venv" / "wheels"
 # What a checkout holds that the package is built from (tests, e2e, bench, deploy are not in it).
 SOURCES = ("pyproject.toml", "README.md", "LICENSE", "requirements.txt", "egress_guard.py", "policy", "proxy", "wire")
 
@@ -100,15 +98,21 @@ def module_proxies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyFa
 
 
 @pytest.fixture(scope="session")
-def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """sdist and wheel, built from a copy of the checkout (the checkout stays clean)."""
-    source = tmp_path_factory.mktemp("source")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the checkout's package sources (builds write into it; the checkout stays clean)."""
+    copy = tmp_path_factory.mktemp("source")
     for name in SOURCES:
         origin = REPO / name
         if origin.is_dir():
-            shutil.copytree(origin, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.copytree(origin, copy / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
-            shutil.copy2(origin, source / name)
+            shutil.copy2(origin, copy / name)
+    return copy
+
+
+@pytest.fixture(scope="session")
+def dist(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """sdist and wheel, `python -m build` (the sdist first, the wheel from it)."""
     out = tmp_path_factory.mktemp("dist")
     built = run([sys.executable, "-m", "build", "--no-isolation", "--outdir", out, source])
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
@@ -122,17 +126,9 @@ def wheel(dist: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A fresh venv with the wheel installed from local files only; its bin/."""
-    if not any(WHEELS.glob("gevent-*.whl")):
-        pytest.fail(f"{WHEELS} holds no runtime wheels: `make test` downloads them (pip download -r requirements.txt)")
-    venv = tmp_path_factory.mktemp("venv")
-    made = run([sys.executable, "-m", "venv", venv])
-    assert made.returncode == 0, made.stderr
-    pip = run([venv / "bin/python", "-m", "pip", "install", "--quiet", "--no-index", "--find-links", WHEELS, wheel],
-              env={"PATH": "/usr/bin:/bin", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_CONFIG_FILE": "/dev/null"})
-    assert pip.returncode == 0, pip.stdout + pip.stderr
-    yield venv / "bin"
+def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh venv with the wheel installed, offline; its bin/."""
+    return fresh_venv(tmp_path_factory.mktemp("venv"), wheel)
 
 
 def _check(problems: list[str]) -> None:

@@ -2,6 +2,8 @@
 wheel; the wheel installs into a fresh venv offline (the pinned runtime wheels `make
 test` keeps in .venv/wheels) and its `egress-guard` command is `python egress_guard.py`:
 same --help, --version, check-policy, explain, and a server that serves and drains.
+`pip install .` from the sources works offline too (its isolated build takes setuptools
+from the same directory).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from _support import APP_POLICY, REPO, Proxy, run, tunnel_works
+from _support import APP_POLICY, REPO, Proxy, fresh_venv, run, tunnel_works
 
 from proxy import cli
 
@@ -87,3 +89,9 @@ def test_installed_command_serves_and_drains(installed: Path, start_proxy, ca, f
     assert started["version"] == cli.__version__
     assert proxy.stop(10) == 0, proxy.output()
     assert proxy.log_lines()[-1]["message"] == "stopped"
+
+
+def test_pip_install_from_the_sources_gives_the_command(source: Path, tmp_path: Path) -> None:
+    bin_dir = fresh_venv(tmp_path / "venv", source)  # `pip install .`, with build isolation
+    version = run([bin_dir / "egress-guard", "--version"], cwd=tmp_path)
+    assert (version.returncode, version.stdout) == (0, f"egress-guard {cli.__version__}\n"), version.stderr
