@@ -47,6 +47,9 @@ SHUTDOWN_TIMEOUT = 4
 PASSED = ("PROXY_HOST", "PROXY_PORT", "METRICS_HOST", "METRICS_PORT", "WATCH_INTERVAL", "CONNECT_TIMEOUT",
           "SHUTDOWN_TIMEOUT", "LOG_LEVEL")
 _names = itertools.count()
+# The first test pays for the fixtures: on a cold machine, installing the engine, making
+# the base and building the image.
+pytestmark = pytest.mark.timeout(2 * BUILD_TIMEOUT)
 
 
 def engine(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
