@@ -283,7 +283,7 @@ def serve(settings: Settings) -> int:
         current = policy.load_policy_file(settings.configmap_path)
     except PolicyError as error:
         hint = ("; set CONFIGMAP_PATH to the policy file" if loaded is None
-                else "; check it with: python egress_guard.py check-policy FILE")
+                else f"; check it with: {cli.invoked_as()} check-policy FILE")
         log.error(f"cannot load policy: {error}{hint}", extra={"path": settings.configmap_path})
         return 1
     hosts = {}

@@ -7,6 +7,7 @@ network, so they are safe in CI and pre-commit hooks.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -20,7 +21,15 @@ from proxy.dial import load_hosts_file
 from proxy.settings import defaults_table
 from wire import http
 
+# The one place the version is written: pyproject.toml reads it, the image's label and
+# CHANGELOG.md must agree (tests/test_package.py).
 __version__ = "0.1.0"
+
+
+def invoked_as() -> str:
+    """How to call this program again: `egress-guard` (installed) or `python egress_guard.py`."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name == "egress-guard" else "python egress_guard.py"
 
 
 def _load(path: str) -> policy.Policy | None:
@@ -230,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     width = max(len(name) for name, _, _ in rows)
     environment = "\n".join(f"  {name:<{width}} {default:<31} {text}" for name, default, text in rows)
     parser = argparse.ArgumentParser(
-        prog="egress_guard.py",
+        prog=invoked_as(),
         description="egress-guard: an HTTP CONNECT egress proxy with per-identity allowlists and SNI checks. "
                     "With no command, runs the proxy.",
         epilog=f"environment (variable, default, meaning):\n{environment}",

@@ -112,8 +112,8 @@ class Settings:
 
     proxy_port: int = 4750
     metrics_port: int = 9090
-    proxy_host: str = "0.0.0.0"
-    metrics_host: str = "0.0.0.0"
+    proxy_host: str = "127.0.0.1"
+    metrics_host: str = "127.0.0.1"
     configmap_path: str = "/etc/config/egress-policy.yaml"
     watch_interval: float = 5.0
     log_level: int = logging.INFO
@@ -191,7 +191,7 @@ PARSERS: dict[str, Callable[[str, str], object]] = {
 DESCRIPTIONS: dict[str, str] = {
     "PROXY_PORT": "plaintext proxy listener port (CONNECT and plain http:// requests; 0 = off)",
     "METRICS_PORT": "/health, /ready, /metrics and the status page (/, /status.json) port",
-    "PROXY_HOST": "address the proxy listens on (:: for IPv6)",
+    "PROXY_HOST": "address the proxy listens on (0.0.0.0: every IPv4 interface; :: for IPv6)",
     "METRICS_HOST": "address the metrics server listens on",
     "CONFIGMAP_PATH": "policy file (a ConfigMap mount)",
     "WATCH_INTERVAL": "seconds between policy file checks",
