@@ -79,7 +79,7 @@ WORKDIR /app
 # by root: the process can read its code but not change it.
 USER 10001:10001
 
-EXPOSE 4750 9090
+EXPOSE 4750 4751 9090
 
 # Docker and Podman only; Kubernetes ignores HEALTHCHECK and uses the probes in
 # deploy/base/deployment.yaml. slim has no curl, so python's urllib does the request; a

@@ -417,7 +417,7 @@ def test_runtime_stage_user_ports_entrypoint_and_healthcheck() -> None:
     assert (int(uid), int(gid)) == (security["runAsUser"], security["runAsGroup"]), "image and Deployment agree"
 
     exposed = {int(p.split("/")[0]) for line in instruction(stage, "EXPOSE") for p in line.split()}
-    assert exposed == {int(DEFAULTS["PROXY_PORT"]), int(DEFAULTS["METRICS_PORT"])}
+    assert exposed == {int(DEFAULTS["PROXY_PORT"]), int(DEFAULTS["PROXY_TLS_PORT"]), int(DEFAULTS["METRICS_PORT"])}
 
     (entrypoint,) = instruction(stage, "ENTRYPOINT")
     assert json.loads(entrypoint) == ["python", "egress_guard.py"], "exec form, so SIGTERM reaches python"
