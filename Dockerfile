@@ -1,8 +1,10 @@
 # egress-guard container image.
 #
-#   docker build -t egress-guard:0.1.0 .
-#   docker run --rm -p 4750:4750 -p 9090:9090 \
-#     -v "$PWD/egress-policy.yaml:/etc/config/egress-policy.yaml:ro" egress-guard:0.1.0
+#   make image                      (docker where a daemon answers, else podman)
+#   docker run --rm --read-only -p 4750:4750 -p 9090:9090 \
+#     -v "$PWD/config:/etc/config:ro" egress-guard:0.1.0
+#
+# (config/ holds egress-policy.yaml: mount the directory, so edits reload.)
 #
 # Two stages: the builder installs the pinned wheels into a virtualenv and byte-compiles
 # everything; the runtime stage copies only that virtualenv and the application. Every
@@ -21,10 +23,12 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 
 WORKDIR /app
 
+# The dependencies' own test suites (gevent, greenlet, zope.interface: ~6 MB) never run here.
 COPY requirements.txt /tmp/requirements.txt
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --only-binary=:all: -r /tmp/requirements.txt \
- && /opt/venv/bin/pip uninstall --yes pip setuptools
+ && /opt/venv/bin/pip uninstall --yes pip setuptools \
+ && find /opt/venv/lib -depth -type d \( -name tests -o -path '*/gevent/testing' \) -exec rm -rf {} +
 
 COPY egress_guard.py egress-policy.yaml ./
 COPY policy/ policy/
@@ -46,13 +50,24 @@ LABEL org.opencontainers.image.title="egress-guard" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.base.name="docker.io/library/python:3.11.14-slim-bookworm"
 
+# The base ships an installer (pip, setuptools, ensurepip's wheels); nothing is installed
+# at run time, so the runtime stage carries none. (This only deletes files.)
+RUN site="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+ && bundled="$(python -c 'import ensurepip, os; print(os.path.dirname(ensurepip.__file__))')/_bundled" \
+ && rm -rf /usr/local/bin/pip /usr/local/bin/pip3* "$site"/pip "$site"/pip-* "$site"/setuptools \
+      "$site"/setuptools-* "$site"/_distutils_hack "$site"/distutils-precedence.pth "$site"/wheel \
+      "$site"/wheel-* "$bundled" /usr/share/python-wheels
+
 # CONFIGMAP_PATH points at the Kubernetes mount. The example policy is kept at
 # /app/egress-policy.yaml but deliberately not used by default: an image started without
-# its policy mount must fail fast, not run with example keys.
+# its policy mount must fail fast, not run with example keys. A container listens on every
+# interface (the proxy's own default is 127.0.0.1).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    PROXY_HOST=0.0.0.0 \
     PROXY_PORT=4750 \
+    METRICS_HOST=0.0.0.0 \
     METRICS_PORT=9090 \
     CONFIGMAP_PATH=/etc/config/egress-policy.yaml
 
@@ -64,7 +79,7 @@ WORKDIR /app
 # by root: the process can read its code but not change it.
 USER 10001:10001
 
-EXPOSE 4750 9090
+EXPOSE 4750 4751 9090
 
 # Docker and Podman only; Kubernetes ignores HEALTHCHECK and uses the probes in
 # deploy/base/deployment.yaml. slim has no curl, so python's urllib does the request; a

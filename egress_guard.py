@@ -47,6 +47,7 @@ from proxy.reading import Closed, read_request
 from proxy.refusal import ESTABLISHED, Refusal
 from proxy.reload import Reloader, file_state
 from proxy.settings import Settings, SettingsError
+from proxy.status_page import StatusPage
 from proxy.stream import Stream
 from proxy.tls import ServerTLS, TLSConfigError, TLSStream, handshake
 from wire.handshake import FirstFlight
@@ -267,9 +268,11 @@ def serve(settings: Settings) -> int:
     metrics = Metrics(registry, process=True)
     holder: list[Admission] = []
     reloaders: list[Reloader] = []
+    page = StatusPage(__version__, settings.hosts_file, lambda: holder[0] if holder else None,
+                      lambda: reloaders[0] if reloaders else None) if settings.status_page else None
     admin = WSGIServer((settings.metrics_host, settings.metrics_port),
                        admin_app(lambda: holder[0] if holder else None, registry,
-                                 lambda: reloaders[0].rejected if reloaders else None),
+                                 lambda: reloaders[0].rejected if reloaders else None, page),
                        log=None, error_log=log)
     try:
         admin.start()
@@ -280,7 +283,7 @@ def serve(settings: Settings) -> int:
         current = policy.load_policy_file(settings.configmap_path)
     except PolicyError as error:
         hint = ("; set CONFIGMAP_PATH to the policy file" if loaded is None
-                else "; check it with: python egress_guard.py check-policy FILE")
+                else f"; check it with: {cli.invoked_as()} check-policy FILE")
         log.error(f"cannot load policy: {error}{hint}", extra={"path": settings.configmap_path})
         return 1
     hosts = {}

@@ -412,13 +412,49 @@ class Target:
         return self.auth, None
 
 
+# ---------------------------------------------------------------- status page load
+class PageLoader(threading.Thread):
+    """Loads egress-guard's status page (`/`, the HTML form) every `every` seconds while
+    the socket modes run (--page-every), as a browser on `?refresh=N` does: does
+    watching the page cost the tunnels anything? Counts loads, failures and the slowest."""
+
+    def __init__(self, metrics_port, every, max_seconds=3600):
+        super().__init__(daemon=True)
+        self.url = "http://127.0.0.1:%d/" % metrics_port
+        self.every, self.max_seconds = every, max_seconds
+        self.loads, self.failures, self.slowest_ms, self.last_error = 0, 0, 0.0, None
+        self.done = threading.Event()
+
+    def run(self):
+        import urllib.request
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        deadline = time.monotonic() + self.max_seconds
+        while not self.done.is_set() and time.monotonic() < deadline:
+            started = time.monotonic()
+            try:
+                with opener.open(self.url, timeout=5) as answer:
+                    answer.read()
+                self.loads += 1
+                self.slowest_ms = max(self.slowest_ms, (time.monotonic() - started) * 1000)
+            except OSError as e:
+                self.failures += 1
+                self.last_error = str(e)
+            self.done.wait(max(0.0, self.every - (time.monotonic() - started)))
+
+    def stop(self):
+        self.done.set()
+        self.join(timeout=10)
+        return {"every_s": self.every, "loads": self.loads, "failures": self.failures,
+                "slowest_ms": round(self.slowest_ms, 1), "last_error": self.last_error}
+
+
 # ---------------------------------------------------------------- one proxy
 def bench_one(a, target, port):
     """Run the socket modes against one proxy. Returns a result dict."""
     name = target.name
     res = {"name": name, "port": port, "modes": {}, "status": "ok"}
     direct = target.kind == "direct"
-    proc = sampler = rundir = ca = None
+    proc = sampler = rundir = ca = page_loader = None
     tgt = {"echo": "127.0.0.1:%d" % a.echo_port, "sink": "127.0.0.1:%d" % a.sink_port,
            "source": "127.0.0.1:%d" % a.source_port}
     try:
@@ -468,6 +504,9 @@ def bench_one(a, target, port):
             raise peers.PeerError("warm-up failed: %d ok, %d errors; last error: %s"
                                   % (w["ok"], w["errors"], w.get("last_error")))
         res["rss_warm_kb"] = peers.tree_rss_kb(proc.pid) if proc else 0
+        if a.page_every and target.kind == "egress":
+            page_loader = PageLoader(port + 1000, a.page_every)
+            page_loader.start()
 
         plan = {
             "idle": ("idle", tgt["echo"], a.idle, a.idle_hold, 0),
@@ -529,6 +568,9 @@ def bench_one(a, target, port):
         res["status"] = "FAILED: internal error %s: %s" % (type(e).__name__, e)
         log("  %s FAILED: %r" % (name, e))
     finally:
+        if page_loader is not None:
+            res["page_loads"] = page_loader.stop()
+            log("  %s status page: %s" % (name, res["page_loads"]))
         if proc is not None:
             if not peers.stop(proc.pid):
                 log("  %s: needed SIGKILL to stop" % name)
@@ -1078,6 +1120,9 @@ def parse_args(argv=None):
     ap.add_argument("--max-total", type=float, default=900.0, help="hard cap on the socket part (s)")
     ap.add_argument("--json", default=None, help="raw results path (default bench/build/results-<timestamp>.json)")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the C tools even if up to date")
+    ap.add_argument("--page-every", type=float, default=0.0, metavar="S",
+                    help="load egress-guard's status page every S seconds during the socket modes "
+                         "(0: never, the default); compare a run with and without it")
     ap.add_argument("--profile", action="store_true",
                     help="record egress-guard with py-spy during rate, tls-rate and bulk and print where the time "
                          "goes (profile-<mode>.txt in bench/build/); sampling slows the proxy: read shares, not rates")
@@ -1107,6 +1152,8 @@ def parse_args(argv=None):
         ap.error("durations must be in (0, 60]")
     if not (1 <= a.reloads <= 50):
         ap.error("--reloads must be in [1, 50]")
+    if not (a.page_every == 0 or 0.01 <= a.page_every <= 60):
+        ap.error("--page-every must be 0 (off) or in [0.01, 60] seconds")
     soak.check_args(a, ap)
     a.peers = [p.strip() for p in a.peers.split(",") if p.strip() and p.strip() != "none"]
     for p in a.peers:

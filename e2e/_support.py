@@ -29,6 +29,9 @@ from typing import Any, Self
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# The pinned runtime wheels (and the build backend) `make test` downloads: packages install
+# from them offline.
+WHEELS = REPO / ".venv" / "wheels"
 READY_TIMEOUT = 15.0
 STOP_TIMEOUT = 30.0
 IO_TIMEOUT = 10.0
@@ -87,6 +90,25 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
 
 
+def run(argv: Iterable[Any], timeout: float = 180, **kwargs: Any) -> subprocess.CompletedProcess:
+    """Run a command to completion (no stdin), its output captured as text."""
+    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL, **kwargs)
+
+
+def fresh_venv(parent: Path, *requirements: Path | str) -> Path:
+    """A new venv with `requirements` installed by pip from local files only; its bin/."""
+    if not any(WHEELS.glob("gevent-*.whl")):
+        pytest.fail(f"{WHEELS} holds no runtime wheels: `make test` downloads them (pip download -r requirements.txt)")
+    made = run([sys.executable, "-m", "venv", parent])
+    assert made.returncode == 0, made.stderr
+    pip = run([parent / "bin/python", "-m", "pip", "install", "--quiet", "--no-index", "--find-links", WHEELS,
+               *requirements],
+              env={"PATH": "/usr/bin:/bin", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_CONFIG_FILE": "/dev/null"})
+    assert pip.returncode == 0, pip.stdout + pip.stderr
+    return parent / "bin"
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.05) -> Any:
     """Poll `predicate` until it returns something truthy; that value, or the last falsy one."""
     deadline = time.monotonic() + timeout
@@ -139,10 +161,12 @@ class Proxy:
     """One `python egress_guard.py` process and its files."""
 
     def __init__(self, workdir: Path, policy: str | None, env: dict[str, Any] | None = None,
-                 hosts: str = HOSTS, wait: bool = True) -> None:
+                 hosts: str = HOSTS, wait: bool = True, launch: Callable[[Proxy], list[str]] | None = None) -> None:
         """Start the proxy in `workdir` with `policy` written to workdir/egress-policy.yaml
         (None: write nothing, e.g. when `env` points CONFIGMAP_PATH elsewhere). `env`
-        overrides the defaults below; a value of None removes the variable."""
+        overrides the defaults below; a value of None removes the variable. `launch`
+        gives the command line instead of `python egress_guard.py` (e.g. the image in a
+        container), called once the files and `env` are in place."""
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.hosts_path = workdir / "hosts"
@@ -173,7 +197,8 @@ class Proxy:
             self.policy_path.write_text(policy)
         self.returncode: int | None = None
         with open(self.log_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.process = subprocess.Popen([sys.executable, "egress_guard.py"], cwd=REPO, env=self.env,
+            command = launch(self) if launch is not None else [sys.executable, "egress_guard.py"]
+            self.process = subprocess.Popen(command, cwd=REPO, env=self.env,
                                             stdout=out, stderr=err, stdin=subprocess.DEVNULL)
         if wait:
             self.wait_ready()
@@ -311,8 +336,8 @@ class ProxyFactory:
         self.started: list[Proxy] = []
 
     def __call__(self, policy: str | None, **env: Any) -> Proxy:
-        wait = env.pop("_wait", True)
-        proxy = Proxy(self.mktemp(), policy, env, wait=False)
+        wait, launch = env.pop("_wait", True), env.pop("_launch", None)
+        proxy = Proxy(self.mktemp(), policy, env, wait=False, launch=launch)
         self.started.append(proxy)
         if wait:
             proxy.wait_ready()

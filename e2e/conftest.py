@@ -15,12 +15,17 @@ control over the ClientHello's segments and records), `curl(...)`, and `Upstream
 
 from __future__ import annotations
 
+import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trustme
-from _support import Proxy, ProxyFactory, Upstream, server_context
+from _support import REPO, Proxy, ProxyFactory, Upstream, fresh_venv, run, server_context
+
+# What a checkout holds that the package is built from (tests, e2e, bench, deploy are not in it).
+SOURCES = ("pyproject.toml", "README.md", "LICENSE", "requirements.txt", "egress_guard.py", "policy", "proxy", "wire")
 
 
 @pytest.fixture(scope="session")
@@ -76,7 +81,8 @@ def banner_upstream() -> Iterator[Upstream]:
 def start_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyFactory]:
     """Factory: start_proxy(policy_yaml, NAME=value, ...) -> a ready Proxy (stopped at teardown).
 
-    Pass `_wait=False` to get the process without waiting for /ready (startup errors).
+    Pass `_wait=False` to get the process without waiting for /ready (startup errors),
+    `_launch=` for another command line (see `_support.Proxy`).
     """
     factory = ProxyFactory(lambda: tmp_path_factory.mktemp("proxy"))
     yield factory
@@ -89,6 +95,40 @@ def module_proxies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyFa
     factory = ProxyFactory(lambda: tmp_path_factory.mktemp("proxy"))
     yield factory
     _check(factory.close())
+
+
+@pytest.fixture(scope="session")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the checkout's package sources (builds write into it; the checkout stays clean)."""
+    copy = tmp_path_factory.mktemp("source")
+    for name in SOURCES:
+        origin = REPO / name
+        if origin.is_dir():
+            shutil.copytree(origin, copy / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(origin, copy / name)
+    return copy
+
+
+@pytest.fixture(scope="session")
+def dist(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """sdist and wheel, `python -m build` (the sdist first, the wheel from it)."""
+    out = tmp_path_factory.mktemp("dist")
+    built = run([sys.executable, "-m", "build", "--no-isolation", "--outdir", out, source])
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def wheel(dist: Path) -> Path:
+    (found,) = dist.glob("*.whl")
+    return found
+
+
+@pytest.fixture(scope="session")
+def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh venv with the wheel installed, offline; its bin/."""
+    return fresh_venv(tmp_path_factory.mktemp("venv"), wheel)
 
 
 def _check(problems: list[str]) -> None:

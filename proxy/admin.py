@@ -5,6 +5,9 @@ force and the proxy is not draining), `/metrics` is Prometheus text.
 
 `/ready` names the policy digest in force and, while the newest policy file is
 rejected, why (`rejected`): still 200, because the last good policy keeps serving.
+
+The status page (`/`, `/status`, `/status.json`; proxy/status_page.py) is served here
+too unless STATUS_PAGE=false, when those paths are 404 like any other.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from typing import Any, Callable, Sequence
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 def admin_app(guard_ref: Callable[[], Any], registry: CollectorRegistry,
-              rejected: Callable[[], str | None] = lambda: None) -> Callable:
+              rejected: Callable[[], str | None] = lambda: None, page: Any = None) -> Callable:
     """`guard_ref`: the Admission once serving (None before); `rejected`: why the newest
-    policy file was refused, if it was."""
+    policy file was refused, if it was; `page`: the status page's WSGI handler (None: off)."""
+    endpoints = ["/health", "/ready", "/metrics", *(sorted(page.paths) if page is not None else ())]
 
     def app(environ: dict, start_response: Callable) -> list[bytes]:
         path, method = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "GET")
@@ -40,7 +44,9 @@ def admin_app(guard_ref: Callable[[], Any], registry: CollectorRegistry,
             body = generate_latest(registry)
             start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(body)))])
             return [body]
-        return _reply(start_response, "404 Not Found", {"error": "not found", "endpoints": ["/health", "/ready", "/metrics"]})
+        if page is not None and path in page.paths:
+            return page(environ, start_response)
+        return _reply(start_response, "404 Not Found", {"error": "not found", "endpoints": endpoints})
 
     return app
 

@@ -24,6 +24,7 @@ from proxy.flow import Flow
 from proxy.observe import Metrics, Records
 from proxy.refusal import Refusal, from_decision, from_parse_error
 from proxy.settings import Settings
+from proxy.status import Activity
 from proxy.stream import Stream
 from wire import http, tls
 
@@ -36,7 +37,7 @@ class Admission:
         self.settings = settings
         self.policy = current  # the one reference; a reload swaps it
         self.metrics = metrics
-        self.records = Records(metrics, logger)
+        self.records = Records(metrics, logger, Activity() if settings.status_page else None)
         self.resolve = resolver or system_resolver({})
         self.open: set[Flow] = set()
         self.sweeper = Sweeper(self.open, settings.idle_timeout)

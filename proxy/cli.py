@@ -7,8 +7,10 @@ network, so they are safe in CI and pre-commit hooks.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import policy
 from policy import PolicyError
@@ -19,7 +21,15 @@ from proxy.dial import load_hosts_file
 from proxy.settings import defaults_table
 from wire import http
 
+# The one place the version is written: pyproject.toml reads it, the image's label and
+# CHANGELOG.md must agree (tests/test_package.py).
 __version__ = "0.1.0"
+
+
+def invoked_as() -> str:
+    """How to call this program again: `egress-guard` (installed) or `python egress_guard.py`."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name == "egress-guard" else "python egress_guard.py"
 
 
 def _load(path: str) -> policy.Policy | None:
@@ -47,20 +57,45 @@ def check_policy(path: str) -> int:
     return 0
 
 
+class ExplainInputError(ValueError):
+    """A request `explain` cannot judge; str() names the input and the problem."""
+
+
+# How the inputs are named in problems: the command line's flags (the status page's
+# form passes its own field names).
+CLI_FIELDS = {"dest": "--dest", "sni": "--sni", "address": "--address", "http": "--http"}
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """How the policy judges one request: `status` is the decision word (`allowed`,
+    `reported`, or the refusal's), `reason` why (None: allowed outright), `rule` the rule
+    that matched, `notes` what the operator should know about the facts judged."""
+
+    allowed: bool
+    status: str
+    identity: str
+    reason: str | None
+    rule: str | None
+    notes: tuple[str, ...]
+    proven_by: str | None = None  # "API key" or "client certificate" (None: named, not proven)
+
+    def lines(self) -> list[str]:
+        how = f" (by {self.proven_by})" if self.proven_by else ""
+        lines = ["allowed" if self.allowed else "denied", f"identity: {self.identity}{how}"]
+        if self.reason is not None:
+            lines.append(f"reason: {self.reason}")
+        if self.rule is not None:
+            lines.append(f"rule: {self.rule}")
+        return lines + [f"note: {note}" for note in self.notes]
+
+
 def explain(path: str, key: str | None, dest: str, sni: str | None, *, identity_name: str | None = None,
             addresses: Sequence[str] = (), http_request: bool = False, hosts_file: str | None = None,
             certificate: Sequence[str] = ()) -> int:
     """`explain FILE (--key KEY | --identity NAME | --cert-uri/--cert-dns/--cert-cn VALUE...)
-    --dest HOST:PORT [--sni NAME] [--address IP]... [--http]`: the decision, offline.
-
-    `certificate`: the entries a verified client certificate would carry (``uri:...``,
-    ``dns:...``, ``cn:...``), judged as the TLS listener judges them, with `key` if given.
-
-    The same check list as the live proxy (`policy.judge`), with what the live proxy
-    would know: an IP target is its own address; a name's addresses are the `--address`
-    values, else its HOSTS_FILE entry (as the server reads it), else unknown (noted:
-    names are never resolved here). `--http` judges a plain-HTTP `http://` request.
-    """
+    --dest HOST:PORT [--sni NAME] [--address IP]... [--http]`: the decision, offline (see
+    `judge_request`)."""
     if identity_name is not None and certificate:
         print("--identity names the identity already: give certificate names (--cert-*) with --key, or alone",
               file=sys.stderr)
@@ -72,24 +107,45 @@ def explain(path: str, key: str | None, dest: str, sni: str | None, *, identity_
     current = _load(path)
     if current is None:
         return 2
+    try:
+        explanation = judge_request(current, key, dest, sni, identity_name=identity_name, addresses=addresses,
+                                    http_request=http_request, hosts_file=hosts_file, certificate=certificate)
+    except ExplainInputError as error:
+        print(error, file=sys.stderr)
+        return 2
+    print("\n".join(explanation.lines()))
+    return 0 if explanation.allowed else 1
+
+
+def judge_request(current: policy.Policy, key: str | None, dest: str, sni: str | None, *,
+                  identity_name: str | None = None, addresses: Sequence[str] = (), http_request: bool = False,
+                  hosts_file: str | None = None, fields: Mapping[str, str] = CLI_FIELDS,
+                  certificate: Sequence[str] = ()) -> Explanation:
+    """How `current` judges a request for `dest`, with what the live proxy would know.
+
+    `certificate`: the entries a verified client certificate would carry (``uri:...``,
+    ``dns:...``, ``cn:...``), judged as the TLS listener judges them, with `key` if given.
+
+    The same check list as the live proxy (`policy.judge`): an IP target is its own
+    address; a name's addresses are `addresses`, else its HOSTS_FILE entry (as the
+    server reads it), else unknown (noted: names are never resolved here).
+    `http_request` judges a plain-HTTP `http://` request. Bad input raises
+    ExplainInputError, naming the input as `fields` calls it.
+    """
     if http_request and dest[:7].lower() == "http://":
         dest = _url_target(dest) or dest  # an http:// URL, as the client sends it
     if "://" in dest:
-        print(f"invalid --dest {dest!r}: give HOST:PORT, not a URL (for {_url_hint(dest)}); "
-              "add --http for an http:// URL the client sends to the proxy as plain HTTP", file=sys.stderr)
-        return 2
+        raise ExplainInputError(
+            f"invalid {fields['dest']} {dest!r}: give HOST:PORT, not a URL (for {_url_hint(dest, fields)}); "
+            f"add {fields['http']} for an http:// URL the client sends to the proxy as plain HTTP")
     try:
         host, port = http.parse_authority(dest, default_port=80 if http_request else 443)
     except http.HeadError as error:
-        print(f"invalid --dest {dest!r}: {error.message} (the proxy answers 400)", file=sys.stderr)
-        return 2
+        raise ExplainInputError(f"invalid {fields['dest']} {dest!r}: {error.message} (the proxy answers 400)") from None
     if http_request and sni is not None:
-        print("--sni and --http do not go together: a plain-HTTP request carries no TLS", file=sys.stderr)
-        return 2
-    resolved, source = _addresses(host, addresses, hosts_file)
-    if isinstance(resolved, str):
-        print(resolved, file=sys.stderr)
-        return 2
+        raise ExplainInputError(f"{fields['sni']} and {fields['http']} do not go together: "
+                                "a plain-HTTP request carries no TLS")
+    resolved, source = _addresses(host, addresses, hosts_file, fields)
     question = policy.Question(host, port, http=http_request, addresses=resolved,
                                tls=True if sni is not None else None, sni=sni)
     identity = None
@@ -97,36 +153,32 @@ def explain(path: str, key: str | None, dest: str, sni: str | None, *, identity_
         identity = current.identities.get(identity_name)
         if identity is None:
             known = ", ".join(sorted(current.identities)[:20])
-            print(f"unknown identity {identity_name!r} (the policy has: {known})", file=sys.stderr)
-            return 2
+            raise ExplainInputError(f"unknown identity {identity_name!r} (the policy has: {known})")
     proven = tuple(certificate)
     verdict = policy.judge(current, key, question, identity, certificate=proven)
     identity = verdict.identity
     if identity is None:
-        print(f"denied\nidentity: -\nreason: {verdict.reason} (the proxy answers 407)")
-        return 1
+        return Explanation(False, policy.Status.AUTH_REQUIRED, "-", f"{verdict.reason} (the proxy answers 407)",
+                           None, ())
     notes = []
     if source:
         notes.append(f"addresses of {host.name} from {source}: {', '.join(str(a) for a in resolved or ())}")
     elif host.ip is None:
-        notes.append(f"{host.name} is not resolved here (give --address, or HOSTS_FILE): each address it "
-                     "resolves to must also be outside the forbidden ranges (unless allowed by IP/CIDR)")
+        notes.append(f"{host.name} is not resolved here (give {fields['address']}, or HOSTS_FILE): each address "
+                     "it resolves to must also be outside the forbidden ranges (unless allowed by IP/CIDR)")
     refusal = verdict.refusal
     if refusal is None and sni is None and host.ip is None and identity.require_tls and not http_request:
         notes.append(f"the TLS ClientHello must carry SNI {host.name}")
-    how = ""
-    if identity_name is None:
-        how = " (by client certificate)" if proven and current.by_certificate(proven) else " (by API key)"
-    lines = ["denied" if refusal is not None else "allowed", f"identity: {identity.name}{how}"]
+    reason = None
     if refusal is not None:
-        lines.append(f"reason: {refusal.reason}")
+        reason = refusal.reason
     elif verdict.reported:
-        lines.append(f"reason: report mode lets it through: {verdict.reason}")
-    if verdict.rule is not None:
-        lines.append(f"rule: {verdict.rule.text}")
-    lines += [f"note: {note}" for note in notes]
-    print("\n".join(lines))
-    return 1 if refusal is not None else 0
+        reason = f"report mode lets it through: {verdict.reason}"
+    proven_by = None
+    if identity_name is None:
+        proven_by = "client certificate" if proven and current.by_certificate(proven) else "API key"
+    return Explanation(refusal is None, verdict.status, identity.name, reason,
+                       verdict.rule.text if verdict.rule is not None else None, tuple(notes), proven_by)
 
 
 def _url_target(url: str) -> str | None:
@@ -140,18 +192,20 @@ def _url_target(url: str) -> str | None:
     return authority if has_port else f"{authority}:{port}"
 
 
-def _url_hint(url: str) -> str:
+def _url_hint(url: str, fields: Mapping[str, str]) -> str:
     """`https://api.example.com/v1` -> `... use --dest api.example.com:443`."""
     target = _url_target(url)
-    return f"{url} use --dest {target}" if target else f"{url} give the host and port the client CONNECTs to"
+    return f"{url} use {fields['dest']} {target}" if target else f"{url} give the host and port the client CONNECTs to"
 
 
-def _addresses(host: policy.Host, given: Sequence[str], hosts_file: str | None
-               ) -> tuple[tuple[IPAddress, ...] | None | str, str]:
-    """(the addresses the check list judges, where they came from), or (a problem, "")."""
+def _addresses(host: policy.Host, given: Sequence[str], hosts_file: str | None, fields: Mapping[str, str]
+               ) -> tuple[tuple[IPAddress, ...] | None, str]:
+    """(the addresses the check list judges, where they came from); ExplainInputError
+    for a bad one."""
+    flag = fields["address"]
     if host.ip is not None:
         if given:
-            return f"--address is for a name; {host.name} is an address already", ""
+            raise ExplainInputError(f"{flag} is for a name; {host.name} is an address already")
         return (host.ip,), ""
     if given:
         found = []
@@ -159,16 +213,16 @@ def _addresses(host: policy.Host, given: Sequence[str], hosts_file: str | None
             try:
                 address = policy.parse_host(text).ip
             except policy.HostError as error:
-                return f"invalid --address {text!r}: {error}", ""
+                raise ExplainInputError(f"invalid {flag} {text!r}: {error}") from None
             if address is None:
-                return f"invalid --address {text!r}: not an IP address", ""
+                raise ExplainInputError(f"invalid {flag} {text!r}: not an IP address")
             found.append(policy.unwrap(address))
-        return tuple(found), "--address"
+        return tuple(found), flag
     if hosts_file:
         try:
             table = load_hosts_file(hosts_file)
         except (OSError, ValueError) as error:
-            return f"cannot load HOSTS_FILE: {error}", ""
+            raise ExplainInputError(f"cannot load HOSTS_FILE: {error}") from None
         pinned = table.get(host.name)
         if pinned:
             return tuple(policy.unwrap(a) for a in pinned), f"HOSTS_FILE {hosts_file}"
@@ -185,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     width = max(len(name) for name, _, _ in rows)
     environment = "\n".join(f"  {name:<{width}} {default:<31} {text}" for name, default, text in rows)
     parser = argparse.ArgumentParser(
-        prog="egress_guard.py",
+        prog=invoked_as(),
         description="egress-guard: an HTTP CONNECT egress proxy with per-identity allowlists and SNI checks. "
                     "With no command, runs the proxy.",
         epilog=f"environment (variable, default, meaning):\n{environment}",

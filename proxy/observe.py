@@ -26,6 +26,7 @@ from prometheus_client.process_collector import ProcessCollector
 from pythonjsonlogger.json import JsonFormatter
 
 from proxy.flow import UNAUTHENTICATED, Flow
+from proxy.status import Activity
 
 NO_DESTINATION = ""
 OTHER_DESTINATION = "other"
@@ -294,16 +295,19 @@ class Records:
     `forwarded` and `revoked` follow a request that was let through.
     """
 
-    def __init__(self, metrics: Metrics, logger: logging.Logger) -> None:
+    def __init__(self, metrics: Metrics, logger: logging.Logger, activity: Activity | None = None) -> None:
         self.metrics = metrics
         self.events = Events(logger)
         self.log = logger
+        self.activity = activity  # the status page's memory (None: the page is off)
 
     def decision(self, flow: Flow, status: str, reason: str, *, error: str | None = None,
                  level: int = logging.INFO) -> None:
         """Count and log one decision."""
         host = flow.host.name if flow.host is not None else ""
         self.metrics.count_request(flow.identity, host, status)
+        if self.activity is not None:
+            self.activity.decided(flow, status, reason, error)
         events = self.events
         if not events.enabled(level):
             return
@@ -410,6 +414,8 @@ class Records:
 
     def revoked(self, flow: Flow, why: str) -> None:
         self.metrics.revoked.labels(flow.identity).inc()
+        if self.activity is not None:
+            self.activity.revoked(flow, why)
         self.log.warning("tunnel revoked by policy reload", extra={
             "conn": flow.conn,
             "identity": flow.identity,

@@ -17,6 +17,7 @@ import gc
 import logging
 import os
 import sys
+import time
 
 import gevent
 
@@ -45,6 +46,10 @@ class Reloader:
         # Why the newest file was refused, while the last good policy serves (None: the
         # file in force is the newest); /ready reports it.
         self.rejected: str | None = None
+        # Unix times of the swap of the policy in force and of the last rejection (the
+        # status page shows both).
+        self.loaded_at = time.time()
+        self.rejected_at: float | None = None
         self.metrics.policy_loaded(destination_counts(admission.policy))
 
     def file_state(self) -> FileState | None:
@@ -100,7 +105,7 @@ class Reloader:
             sys.setswitchinterval(interval)
         if isinstance(loaded, PolicyError):
             self.metrics.load_errors.inc()
-            self.rejected = str(loaded)
+            self.rejected, self.rejected_at = str(loaded), time.time()
             log.error("policy reload failed; keeping the last good policy",
                       extra={"path": self.path, "trigger": why, "policy": old.digest, "error": str(loaded)})
             return False
@@ -112,6 +117,7 @@ class Reloader:
             log.debug("policy file unchanged", extra={"path": self.path, "trigger": why, "policy": fresh.digest})
             return False
         self.admission.policy = fresh  # the old snapshot is freed when its last reference goes
+        self.loaded_at = time.time()
         previous = old.digest
         del old
         self.metrics.reloads.inc()

@@ -99,14 +99,21 @@ def _optional_path(name: str, text: str) -> str:
     return text.strip()
 
 
+def _switch(name: str, text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("true", "false"):
+        raise SettingsError(f"{name}={text!r}: expected true or false")
+    return value == "true"
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the process reads from its environment."""
 
     proxy_port: int = 4750
     metrics_port: int = 9090
-    proxy_host: str = "0.0.0.0"
-    metrics_host: str = "0.0.0.0"
+    proxy_host: str = "127.0.0.1"
+    metrics_host: str = "127.0.0.1"
     configmap_path: str = "/etc/config/egress-policy.yaml"
     watch_interval: float = 5.0
     log_level: int = logging.INFO
@@ -117,6 +124,7 @@ class Settings:
     idle_timeout: float = 900.0
     max_connections: int = 10000
     hosts_file: str = ""
+    status_page: bool = True
     proxy_tls_port: int = 4751
     proxy_tls_cert: str = ""
     proxy_tls_key: str = ""
@@ -173,6 +181,7 @@ PARSERS: dict[str, Callable[[str, str], object]] = {
     "idle_timeout": _seconds_or_zero,
     "max_connections": _positive_int,
     "hosts_file": _optional_path,
+    "status_page": _switch,
     "proxy_tls_port": _port,
     "proxy_tls_cert": _optional_path,
     "proxy_tls_key": _optional_path,
@@ -181,8 +190,8 @@ PARSERS: dict[str, Callable[[str, str], object]] = {
 
 DESCRIPTIONS: dict[str, str] = {
     "PROXY_PORT": "plaintext proxy listener port (CONNECT and plain http:// requests; 0 = off)",
-    "METRICS_PORT": "/health, /ready and /metrics port",
-    "PROXY_HOST": "address the proxy listens on (:: for IPv6)",
+    "METRICS_PORT": "/health, /ready, /metrics and the status page (/, /status.json) port",
+    "PROXY_HOST": "address the proxy listens on (0.0.0.0: every IPv4 interface; :: for IPv6)",
     "METRICS_HOST": "address the metrics server listens on",
     "CONFIGMAP_PATH": "policy file (a ConfigMap mount)",
     "WATCH_INTERVAL": "seconds between policy file checks",
@@ -194,6 +203,7 @@ DESCRIPTIONS: dict[str, str] = {
     "IDLE_TIMEOUT": "seconds without traffic before a tunnel closes (0 = never)",
     "MAX_CONNECTIONS": "client connections at once; past it clients get 503",
     "HOSTS_FILE": "optional hosts(5)-format file consulted before DNS",
+    "STATUS_PAGE": "true or false: the status page on METRICS_PORT (/, /status, /status.json)",
     "PROXY_TLS_PORT": "TLS proxy listener port (https:// proxy URLs), on with the next two",
     "PROXY_TLS_CERT": "PEM certificate chain of the TLS listener (re-read when it changes)",
     "PROXY_TLS_KEY": "PEM private key of the TLS listener (re-read when it changes)",
@@ -207,6 +217,8 @@ def defaults_table() -> list[tuple[str, str, str]]:
         default = field.default
         if field.name == "log_level":
             default = logging.getLevelName(default)
+        elif isinstance(default, bool):
+            default = "true" if default else "false"
         elif isinstance(default, float) and default.is_integer():
             default = int(default)
         variable = field.name.upper()

@@ -1,12 +1,14 @@
-"""The operators' packaging: Dockerfile, Kubernetes manifests, alerts and dashboard.
+"""The operators' packaging: Dockerfile, Kubernetes manifests, alerts and dashboard, the
+Compose file.
 
 Everything here runs offline from wheels in requirements-dev.txt: hadolint lints the
 Dockerfile, kubectl renders the kustomizations, kubernetes-validate checks every object
 against the bundled Kubernetes schemas in strict mode, promql-parser parses every alert and
-panel query. Metric and label names are taken from the real `proxy.observe.Metrics`, so a
+panel query, check-jsonschema checks the Compose file against the Compose specification's
+schema (its bundled copy). Metric and label names are taken from the real `proxy.observe.Metrics`, so a
 dashboard or alert can never drift from what the proxy exports.
 
-No Docker engine is needed: the image's runtime layout (exactly the files the Dockerfile
+No Docker engine is needed here (e2e/test_image.py builds and runs the real image): the image's runtime layout (exactly the files the Dockerfile
 copies, byte-compiled like the builder does, read-only, non-root) is rebuilt in a
 temporary directory and started there.
 """
@@ -40,7 +42,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
-from proxy import observe
+from proxy import cli, observe
 from policy import Status
 from proxy.settings import defaults_table
 
@@ -60,6 +62,8 @@ TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "endpoint", "
 # Series an expression may use that egress-guard itself does not export.
 PROMETHEUS_SERIES = {"up"}
 DEFAULTS = {name: default for name, default, _ in defaults_table()}
+# A pod listens on every interface; the proxy's own default is loopback (`make run`, pip).
+LISTEN_EVERYWHERE = {"PROXY_HOST": "0.0.0.0", "METRICS_HOST": "0.0.0.0"}
 POD_LABELS = {"app.kubernetes.io/name": "egress-guard", "app.kubernetes.io/component": "proxy"}
 
 
@@ -395,7 +399,11 @@ def test_dockerfile_is_multi_stage_on_a_pinned_base() -> None:
 
 def test_runtime_stage_only_copies_what_runs() -> None:
     stage = final_stage()
-    assert instruction(stage, "RUN") == [], "the runtime stage installs nothing (no package manager, no build tools)"
+    (remove,) = instruction(stage, "RUN")  # the base's installer goes; nothing comes
+    commands = [c.strip().split()[0] for c in remove.split("&&")]
+    assert commands == ["site=\"$(python", "bundled=\"$(python", "rm"], remove
+    for word in ("pip", "setuptools", '"$bundled"'):
+        assert word in remove.split("rm -rf", 1)[1], f"{word} stays in the runtime stage"
     copies = instruction(stage, "COPY")
     assert copies and all("--from=" in c for c in copies), "the runtime stage takes files from the builder only"
 
@@ -409,7 +417,7 @@ def test_runtime_stage_user_ports_entrypoint_and_healthcheck() -> None:
     assert (int(uid), int(gid)) == (security["runAsUser"], security["runAsGroup"]), "image and Deployment agree"
 
     exposed = {int(p.split("/")[0]) for line in instruction(stage, "EXPOSE") for p in line.split()}
-    assert exposed == {int(DEFAULTS["PROXY_PORT"]), int(DEFAULTS["METRICS_PORT"])}
+    assert exposed == {int(DEFAULTS["PROXY_PORT"]), int(DEFAULTS["PROXY_TLS_PORT"]), int(DEFAULTS["METRICS_PORT"])}
 
     (entrypoint,) = instruction(stage, "ENTRYPOINT")
     assert json.loads(entrypoint) == ["python", "egress_guard.py"], "exec form, so SIGTERM reaches python"
@@ -424,6 +432,8 @@ def test_runtime_stage_user_ports_entrypoint_and_healthcheck() -> None:
     assert variables["PYTHONDONTWRITEBYTECODE"] == "1", "nothing to write on a read-only root filesystem"
     for name in ("CONFIGMAP_PATH", "PROXY_PORT", "METRICS_PORT"):
         assert variables[name] == DEFAULTS[name]
+    for name, value in LISTEN_EVERYWHERE.items():
+        assert variables[name] == value, f"{name}: a container listens on every interface"
     labels = " ".join(instruction(stage, "LABEL"))
     for key in ("title", "description", "version", "licenses", "base.name"):
         assert f"org.opencontainers.image.{key}=" in labels
@@ -578,7 +588,8 @@ def test_kustomization_renders_and_validates_strictly(kustomization: str) -> Non
 def manifest_files() -> list[Path]:
     """Whole manifests (patches are partial by design: they are validated rendered)."""
     skip = {"kustomization.yaml", "egress-policy.yaml"}
-    return sorted(p for p in DEPLOY.rglob("*.yaml") if p.name not in skip and not p.name.endswith("-patch.yaml"))
+    return sorted(p for p in DEPLOY.rglob("*.yaml") if p.name not in skip and not p.name.endswith("-patch.yaml")
+                  and p.relative_to(DEPLOY).parts[0] != "compose")
 
 
 @pytest.mark.parametrize("path", manifest_files(), ids=lambda p: str(p.relative_to(DEPLOY)))
@@ -619,7 +630,8 @@ def test_no_manifest_is_left_out_of_its_kustomization(kustomization: str) -> Non
 
 def test_deployment_env_matches_the_proxy_defaults() -> None:
     values = env()
-    for name, default in DEFAULTS.items():
+    assert DEFAULTS["PROXY_HOST"] == DEFAULTS["METRICS_HOST"] == "127.0.0.1"
+    for name, default in {**DEFAULTS, **LISTEN_EVERYWHERE}.items():
         if default.startswith("("):
             continue  # optional, unset by default
         assert values.get(name) == default, f"{name}: {values.get(name)!r}, the proxy's default is {default!r}"
@@ -1028,3 +1040,40 @@ def test_tls_overlay_mounts_what_the_proxy_reads_and_opens_the_port() -> None:
     assert {"protocol": "TCP", "port": tls_port} in client
     # The base stays as it was: no TLS port that nothing listens on.
     assert "proxy-tls" not in {p["name"] for p in find(base(), "Service", "egress-guard")["spec"]["ports"]}
+
+
+# ---------------------------------------------------------------------------
+# Compose (deploy/compose/compose.yaml)
+
+COMPOSE = DEPLOY / "compose" / "compose.yaml"
+
+
+def test_compose_file_validates_against_the_compose_specification(tmp_path: Path) -> None:
+    command = [tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec"]
+    checked = run([*command, str(COMPOSE)])
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    typo = tmp_path / "compose.yaml"
+    typo.write_text(COMPOSE.read_text().replace("read_only: true\n    user:", "readonly: true\n    user:"))
+    assert "readonly" in typo.read_text()
+    assert run([*command, str(typo)]).returncode != 0, "the schema check must reject an unknown key"
+
+
+def test_compose_runs_the_image_as_the_manifests_do() -> None:
+    (service,) = yaml.safe_load(COMPOSE.read_text())["services"].values()
+    stage = final_stage()
+    assert service["image"] == f"egress-guard:{cli.__version__}"
+    assert service["read_only"] is True and service["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in service["security_opt"]
+    assert service["user"] == instruction(stage, "USER")[0]
+    (mount,) = service["volumes"]
+    assert (mount["type"], mount["target"], mount["read_only"]) == ("bind", str(Path(DEFAULTS["CONFIGMAP_PATH"]).parent), True)
+    assert not mount["source"].endswith(".yaml"), "the directory: a file mount never sees an edit"
+    ports = {str(p).rsplit(":", 1)[-1]: str(p) for p in service["ports"]}
+    assert set(ports) == {DEFAULTS["PROXY_PORT"], DEFAULTS["METRICS_PORT"]}
+    assert ports[DEFAULTS["METRICS_PORT"]].startswith("127.0.0.1:"), "metrics stay local"
+    healthcheck = json.loads(instruction(stage, "HEALTHCHECK")[0].split(" CMD ", 1)[1])
+    assert service["healthcheck"]["test"] == ["CMD", *healthcheck], "the image's HEALTHCHECK"
+    grace = re.fullmatch(r"(\d+)s", service["stop_grace_period"])
+    assert service["stop_signal"] == "SIGTERM"
+    assert grace and int(grace[1]) > float(service["environment"]["SHUTDOWN_TIMEOUT"]), "drain before SIGKILL"
