@@ -339,6 +339,29 @@ def test_garbage_on_the_tls_port_is_a_bad_request(proxy: Proxy, garbage: bytes) 
     assert proxy.http_status("/health") == 200
 
 
+def test_failed_handshakes_leave_no_descriptor_behind(proxy: Proxy, pki: PKI) -> None:
+    def open_fds() -> int:
+        return len(os.listdir(f"/proc/{proxy.process.pid}/fd"))
+
+    def settled() -> int:
+        return wait_until(lambda: open_fds() if proxy.metrics().value("egress_proxy_client_connections") == 0
+                          else None)
+
+    before = settled()
+    for round_ in range(30):
+        with socket.create_connection(("127.0.0.1", tls_port(proxy)), timeout=IO_TIMEOUT) as sock:
+            sock.sendall(os.urandom(64) if round_ % 2 else b"\x16\x03\x01\x00\x10" + os.urandom(16))
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(4096):
+                pass
+        try:  # a client certificate from a CA the proxy does not trust
+            tls_client(proxy, pki, pki.stranger).close()
+        except (ssl.SSLError, OSError):
+            pass
+    assert settled() <= before, "a failed handshake kept a socket or watcher"
+    assert proxy.http_status("/health") == 200
+
+
 def test_a_connection_without_a_byte_is_not_a_request(proxy: Proxy) -> None:
     before = proxy.requests_total(status="bad_request")
     socket.create_connection(("127.0.0.1", tls_port(proxy)), timeout=IO_TIMEOUT).close()  # a TCP health check
