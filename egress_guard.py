@@ -214,8 +214,8 @@ class Proxy:
     def pump(self, flow: Flow, late: LateFirstBytes | None = None) -> None:
         """Step 10: copy both ways until done (judging the client's first bytes on the
         way, `late`, when the server spoke first)."""
-        metrics = self.admission.metrics
-        metrics.active_tunnels.inc()
+        counts = self.admission.metrics.counts
+        counts.active_tunnels += 1
         refused = False
         try:
             relay(flow.client_stream, flow.upstream, flow, late, late and (lambda: self.admitted(flow)))
@@ -225,7 +225,7 @@ class Proxy:
         except OSError:
             pass
         finally:
-            metrics.active_tunnels.dec()
+            counts.active_tunnels -= 1
             if not refused:
                 if late is not None and not late.done:
                     self.admitted(flow)  # the client never spoke: the decision stands as it was

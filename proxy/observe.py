@@ -9,6 +9,7 @@ identity "-" and no destination, and each identity may mint at most
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import sys
@@ -19,10 +20,12 @@ from typing import Any
 import prometheus_client.metrics
 import prometheus_client.values
 from gevent import monkey
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.utils import floatToGoString
 from pythonjsonlogger.json import JsonFormatter
 
 from proxy.flow import UNAUTHENTICATED, Flow
@@ -34,15 +37,76 @@ DESTINATION_LABEL_LIMIT = 100
 
 # `*_created` samples double the series count and no dashboard or alert uses them.
 disable_created_metrics()
-# Metric values are updated on every request, each under its own lock. Under gevent's
-# monkey-patching that lock is a gevent lock (a Python-level wrapper); only the main
-# thread's greenlets ever touch a metric and none switches while holding the lock, so
-# the operating system's lock (uncontended: tens of ns) is the right one.
+# The remaining prometheus_client metrics (reloads, revocations, gauges) update their
+# values under a lock each. Under gevent's monkey-patching that lock is a gevent lock (a
+# Python-level wrapper); only the main thread's greenlets ever touch a metric and none
+# switches while holding the lock, so the operating system's lock is the right one.
 prometheus_client.values.Lock = prometheus_client.metrics.Lock = monkey.get_original("threading", "Lock")
 
 
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)  # and +Inf
+
+
+class Counts:
+    """The metrics every request updates, kept as plain numbers and exported when
+    Prometheus scrapes (`collect`, a prometheus_client custom collector).
+
+    prometheus_client's own Counter costs four Python calls and a lock per update, and
+    its Histogram a walk over the buckets; a request updates five such metrics. Here an
+    update is one dictionary operation (or an addition), done by the one thread that
+    serves connections, and the exposition is built from these numbers only when asked:
+    the same names, types, labels and values the README promises.
+    """
+
+    # (name, type, labels, help) of every family collect() yields, in order.
+    FAMILIES = (
+        ("egress_proxy_requests_total", "counter", ("identity", "destination", "status"),
+         "Proxy requests by identity, destination and decision status."),
+        ("egress_proxy_active_tunnels", "gauge", (), "Tunnels currently open."),
+        ("egress_proxy_bytes_total", "counter", ("identity", "direction"),
+         "Bytes relayed; direction=upstream is client to destination."),
+        ("egress_proxy_tunnel_duration_seconds", "histogram", (), "How long tunnels stayed open."),
+        ("egress_proxy_authentications_total", "counter", ("identity", "auth", "listener"),
+         "Requests whose credentials proved an identity, by how (auth: api_key or certificate) "
+         "and listener (plain or tls)."),
+    )
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str], int] = {}
+        self.bytes: dict[tuple[str, str], int] = {}
+        self.authentications: dict[tuple[str, str, str], int] = {}
+        self.active_tunnels = 0
+        self.durations = [0] * (len(DURATION_BUCKETS) + 1)  # per bucket, not cumulative; the last is +Inf
+        self.duration_sum = 0.0
+
+    def observe_duration(self, seconds: float) -> None:
+        self.durations[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.duration_sum += seconds
+
+    def describe(self) -> list[Any]:
+        return []  # registering must not call collect() (it runs at scrape time only)
+
+    def collect(self) -> Any:
+        (requests, active, sent, durations, auth) = (f[0] for f in self.FAMILIES)
+        text = {f[0]: f[3] for f in self.FAMILIES}
+        for name, labels, values in ((requests, ("identity", "destination", "status"), self.requests),
+                                     (sent, ("identity", "direction"), self.bytes),
+                                     (auth, ("identity", "auth", "listener"), self.authentications)):
+            family = CounterMetricFamily(name, text[name], labels=labels)
+            for key, value in list(values.items()):
+                family.add_metric(key, value)
+            yield family
+        yield GaugeMetricFamily(active, text[active], value=self.active_tunnels)
+        cumulative, buckets = 0, []
+        for bound, count in zip((*DURATION_BUCKETS, float("inf")), self.durations):
+            cumulative += count
+            buckets.append((floatToGoString(bound), cumulative))
+        yield HistogramMetricFamily(durations, text[durations], buckets=buckets, sum_value=self.duration_sum)
+
+
 class Metrics:
-    """Every metric egress-guard exports, registered on one registry."""
+    """Every metric egress-guard exports, registered on one registry: the per-request
+    ones as plain numbers (`counts`), the rest as prometheus_client metrics."""
 
     def __init__(self, registry: CollectorRegistry, *, process: bool = False) -> None:
         self.registry = registry
@@ -53,9 +117,8 @@ class Metrics:
         def metric(kind: type, name: str, text: str, labels: tuple[str, ...] = (), **options: Any) -> Any:
             return kind(name, text, labels, registry=registry, **options)
 
-        self.requests = metric(Counter, "egress_proxy_requests_total",
-                               "Proxy requests by identity, destination and decision status.",
-                               ("identity", "destination", "status"))
+        self.counts = counts = Counts()
+        registry.register(counts)
         self.reloads = metric(Counter, "egress_proxy_config_reloads_total", "Successful policy reloads.")
         self.load_errors = metric(Counter, "egress_proxy_config_load_errors_total",
                                   "Policy loads that failed (the last good policy stayed in force).")
@@ -64,28 +127,15 @@ class Metrics:
         self.allowed_destinations = metric(Gauge, "egress_proxy_allowed_destinations",
                                            "Allowed destination rules per identity in the policy in force.",
                                            ("identity",))
-        self.active_tunnels = metric(Gauge, "egress_proxy_active_tunnels", "Tunnels currently open.")
         self.client_connections = metric(Gauge, "egress_proxy_client_connections",
                                          "Client connections currently open (compare with MAX_CONNECTIONS).")
-        self.bytes = metric(Counter, "egress_proxy_bytes_total",
-                            "Bytes relayed; direction=upstream is client to destination.", ("identity", "direction"))
-        self.tunnel_duration = metric(Histogram, "egress_proxy_tunnel_duration_seconds", "How long tunnels stayed open.",
-                                      buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, float("inf")))
         self.revoked = metric(Counter, "egress_proxy_tunnels_revoked_total",
                               "Open tunnels closed because a reloaded policy no longer allows them.", ("identity",))
-        self.authentications = metric(Counter, "egress_proxy_authentications_total",
-                                      "Requests whose credentials proved an identity, by how "
-                                      "(auth: api_key or certificate) and listener (plain or tls).",
-                                      ("identity", "auth", "listener"))
         self.tls_reloads = metric(Counter, "egress_proxy_tls_reloads_total",
                                   "Times the TLS listener's certificate, key or client CA were reloaded.")
         self.tls_load_errors = metric(Counter, "egress_proxy_tls_load_errors_total",
                                       "Changed TLS listener files that did not load (the ones in force stayed).")
-        # Label children resolved once: `.labels()` takes a lock and builds a tuple key.
-        self._request_children: dict[tuple[str, str, str], Any] = {}
         self._destinations: dict[str, set[str]] = {}
-        self._byte_children: dict[tuple[str, str], Any] = {}
-        self._auth_children: dict[tuple[str, str, str], Any] = {}
 
     def destination_label(self, identity: str, destination: str) -> str:
         """The bounded label value for `destination` requested by `identity`."""
@@ -103,26 +153,22 @@ class Metrics:
 
     def count_request(self, identity: str, destination: str, status: str) -> None:
         key = (identity, self.destination_label(identity, destination), status)
-        child = self._request_children.get(key)
-        if child is None:
-            child = self._request_children[key] = self.requests.labels(*key)
-        child.inc()
+        requests = self.counts.requests
+        requests[key] = requests.get(key, 0) + 1
 
     def count_auth(self, identity: str, auth: str, listener: str) -> None:
         key = (identity, auth, listener)
-        child = self._auth_children.get(key)
-        if child is None:
-            child = self._auth_children[key] = self.authentications.labels(*key)
-        child.inc()
+        counted = self.counts.authentications
+        counted[key] = counted.get(key, 0) + 1
 
     def count_bytes(self, identity: str, upstream: int, downstream: int) -> None:
-        for direction, amount in (("upstream", upstream), ("downstream", downstream)):
-            if amount:
-                key = (identity, direction)
-                child = self._byte_children.get(key)
-                if child is None:
-                    child = self._byte_children[key] = self.bytes.labels(*key)
-                child.inc(amount)
+        counted = self.counts.bytes
+        if upstream:
+            key = (identity, "upstream")
+            counted[key] = counted.get(key, 0) + upstream
+        if downstream:
+            key = (identity, "downstream")
+            counted[key] = counted.get(key, 0) + downstream
 
     def policy_loaded(self, destination_counts: dict[str, int]) -> None:
         """Refresh per-identity gauges after a policy (re)load; drop vanished identities."""
@@ -366,7 +412,7 @@ class Records:
 
     def tunnel_closed(self, flow: Flow) -> None:
         duration = time.monotonic() - flow.started
-        self.metrics.tunnel_duration.observe(duration)
+        self.metrics.counts.observe_duration(duration)
         self.flush_bytes(flow)
         ended_by = "idle timeout" if flow.idle and flow.ended_by == "closed" else flow.ended_by
         events = self.events

@@ -253,11 +253,8 @@ def _refusal(entry: Any) -> dict[str, Any]:
 def _bytes_by_identity(metrics: Any) -> dict[str, list[int]]:
     """{identity: [bytes up, bytes down]} from egress_proxy_bytes_total."""
     totals: dict[str, list[int]] = {}
-    for family in metrics.bytes.collect():
-        for sample in family.samples:
-            if sample.name.endswith("_total"):
-                row = totals.setdefault(sample.labels["identity"], [0, 0])
-                row[0 if sample.labels["direction"] == "upstream" else 1] += int(sample.value)
+    for (identity, direction), count in list(metrics.counts.bytes.items()):
+        totals.setdefault(identity, [0, 0])[0 if direction == "upstream" else 1] += count
     return totals
 
 

@@ -245,6 +245,13 @@ def exported_series() -> dict[str, frozenset[str]]:
         for suffix in suffixes[kind]:
             series[name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
     wrapped = {w._name for w in wrappers}  # noqa: SLF001
+    # The per-request metrics are plain numbers exported by a collector (observe.Counts):
+    # expanded from its declared families, as it has no samples before traffic.
+    for name, kind, labels, _ in observe.Counts.FAMILIES:
+        base = name.removesuffix("_total")
+        wrapped.add(base)
+        for suffix in suffixes[kind]:
+            series[base + suffix] = set(labels) | ({"le"} if suffix == "_bucket" else set())
     for family in registry.collect():
         if family.name in wrapped:
             continue

@@ -124,3 +124,44 @@ def test_the_two_hot_lines_are_the_generic_lines() -> None:
         return out
 
     assert lines(direct=True) == lines(direct=False)
+
+
+def test_plain_counts_expose_what_prometheus_client_metrics_would() -> None:
+    """The per-request metrics are plain numbers (observe.Counts) exported at scrape
+    time: their exposition must be what prometheus_client's own Counter, Gauge and
+    Histogram print for the same updates (names, HELP, TYPE, labels, bucket bounds)."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+    from proxy.observe import DURATION_BUCKETS, Metrics
+
+    ours = Metrics(CollectorRegistry())
+    reference = CollectorRegistry()
+    families = {name: (kind, labels, text) for name, kind, labels, text in ours.counts.FAMILIES}
+    kinds = {"counter": Counter, "gauge": Gauge}
+    made = {}
+    for name, (kind, labels, text) in families.items():
+        if kind == "histogram":
+            made[name] = Histogram(name, text, labels, registry=reference, buckets=(*DURATION_BUCKETS, float("inf")))
+        else:
+            made[name] = kinds[kind](name, text, labels, registry=reference)
+    for identity, destination, status in [("web", "api.example.com", "allowed")] * 3 + [("-", "", "auth_required")]:
+        ours.count_request(identity, destination, status)
+        made["egress_proxy_requests_total"].labels(identity, ours.destination_label(identity, destination), status).inc()
+    ours.count_auth("web", "certificate", "tls")
+    made["egress_proxy_authentications_total"].labels("web", "certificate", "tls").inc()
+    ours.count_bytes("web", 1000, 0)
+    ours.count_bytes("web", 24, 5_000_000)
+    made["egress_proxy_bytes_total"].labels("web", "upstream").inc(1024)
+    made["egress_proxy_bytes_total"].labels("web", "downstream").inc(5_000_000)
+    for seconds in (0.004, 0.01, 0.3, 7.5, 86400.0):
+        ours.counts.observe_duration(seconds)
+        made["egress_proxy_tunnel_duration_seconds"].observe(seconds)
+    ours.counts.active_tunnels = 2
+    made["egress_proxy_active_tunnels"].set(2)
+
+    def lines(text: bytes) -> set[str]:
+        return {line for line in text.decode().splitlines() if any(name.removesuffix("_total") in line
+                                                                   for name in families)}
+
+    expected = lines(generate_latest(reference))
+    assert expected and lines(generate_latest(ours.registry)) == expected
