@@ -63,7 +63,8 @@ POLICY_KEYS = {"digest", "loaded_at", "identities", "destinations", "rejected", 
 IDENTITY_KEYS = {"name", "in_policy", "mode", "open", "max_tunnels", "last_minute", "bytes_up", "bytes_down"}
 TUNNEL_KEYS = {"conn", "kind", "client", "identity", "destination", "sni", "address", "age_s", "idle_s",
                "bytes_up", "bytes_down", "listener", "auth"}
-REFUSAL_KEYS = {"time", "client", "identity", "destination", "status", "reason", "rule", "error", "sni", "address"}
+REFUSAL_KEYS = {"time", "client", "identity", "destination", "status", "reason", "rule", "error", "sni", "address",
+                "listener"}
 
 
 @dataclass

@@ -10,6 +10,7 @@ and leaf certificates carrying a SPIFFE URI, a DNS name or a common name.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import ssl
@@ -299,6 +300,11 @@ def test_a_certificate_that_fails_verification_ends_the_handshake(proxy: Proxy, 
     assert line["identity"] == "-" and "method" in line
     assert wait_until(lambda: proxy.requests_total(status="bad_request") == before + 1)
     assert proxy.http_status("/health") == 200
+    # "Why was my pod denied?": the status page has it too, with the listener.
+    status, _, body = proxy.http_get("/status.json")
+    newest = json.loads(body)["refusals"][0]
+    assert status == 200 and (newest["listener"], newest["status"], newest["reason"]) == \
+        ("tls", "bad_request", line["reason"]), newest
 
 
 def test_logs_and_metrics_never_carry_a_certificate_serial(proxy: Proxy, pki: PKI, tls_upstream: Upstream,

@@ -34,6 +34,7 @@ class Refused(NamedTuple):
     error: str | None
     sni: str | None
     address: Any  # the IP dialled (an ipaddress object), if any
+    listener: str  # "plain" or "tls"
 
 
 class RecentCounts:
@@ -84,9 +85,10 @@ class Activity:
         self.recent.count(flow.identity, status)
         if status != Status.ALLOWED:
             self.refusals.append(Refused(time.time(), flow.client, flow.identity, flow.destination, status, reason,
-                                         flow.rule, error, flow.sni, flow.address))
+                                         flow.rule, error, flow.sni, flow.address, flow.listener))
 
     def revoked(self, flow: Any, why: str) -> None:
         """An open flow a reload closed: a refusal too, after the fact."""
         self.refusals.append(Refused(time.time(), flow.client, flow.identity, flow.destination, Status.DENIED,
-                                     f"revoked by policy reload: {why}", None, None, flow.sni, flow.address))
+                                     f"revoked by policy reload: {why}", None, None, flow.sni, flow.address,
+                                     flow.listener))

@@ -152,12 +152,13 @@ def _refusals(rows: list[dict[str, Any]]) -> Iterable[str]:
     if not rows:
         yield '<p class="note">None since the proxy started.</p></section>'
         return
-    yield ('<table><thead><tr><th>time (UTC)</th><th>client</th><th>identity</th><th>destination</th>'
+    yield ('<table><thead><tr><th>time (UTC)</th><th>client</th><th>via</th><th>identity</th><th>destination</th>'
            '<th>status</th><th>reason</th><th>rule</th></tr></thead><tbody>')
     for row in rows:
         error = f'<br><span class="note">{_e(row["error"])}</span>' if row["error"] else ""
         yield (f'<tr><td class="mono">{_e(row["time"][5:23].replace("T", " "))}</td>'
-               f'<td class="mono">{_e(row["client"])}</td><td class="w">{_e(row["identity"])}</td>'
+               f'<td class="mono">{_e(row["client"])}</td><td>{_e(row["listener"])}</td>'
+               f'<td class="w">{_e(row["identity"])}</td>'
                f'<td class="w mono">{_e(row["destination"] or None)}</td>'
                f'<td><span class="s s-{_e(row["status"])}">{_e(row["status"])}</span></td>'
                f'<td class="w">{_e(row["reason"])}{error}</td><td class="w mono">{_e(row["rule"])}</td></tr>')

@@ -247,6 +247,7 @@ def _refusal(entry: Any) -> dict[str, Any]:
         "error": entry.error,
         "sni": entry.sni,
         "address": str(entry.address) if entry.address is not None else None,
+        "listener": entry.listener,
     }
 
 
