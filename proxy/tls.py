@@ -31,6 +31,7 @@ and a pair that does not load keeps the old one in force (logged and counted).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -50,6 +51,7 @@ from proxy.reload import FileState, file_state
 from proxy.stream import WRITE, Stream, hub
 
 CHUNK = 65536
+MAX_PENDING = 1 << 20  # ciphertext held for a client that does not read (see TLSSocket.queue)
 
 # OpenSSL's reasons for the failures an operator sees most, in words.
 _LOAD_REASONS = {
@@ -251,9 +253,17 @@ class TLSSocket:
         return len(data)
 
     def queue(self) -> None:
-        """Send what OpenSSL wrote; what the kernel cannot take now is flushed from the hub."""
+        """Send what OpenSSL wrote; what the kernel cannot take now is flushed from the hub.
+
+        A write adds one record's worth at most (send() refuses while `out` is pending),
+        but reading can make OpenSSL answer the client (a KeyUpdate that requests one):
+        a client that floods such messages and never reads would grow `out` without
+        bound, so past MAX_PENDING the connection fails instead."""
         self.out += self.outgoing.read()
         self.flush()
+        if len(self.out) > MAX_PENDING:
+            self.out = b""
+            raise ConnectionAbortedError(errno.ENOBUFS, "the client does not read what its TLS session must answer")
         if self.out and self.flusher is None:
             self.flusher = hub().loop.io(self.raw.fileno(), WRITE)
         if self.out and not self.flusher.active:
