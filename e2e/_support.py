@@ -198,7 +198,9 @@ class Proxy:
         self.returncode: int | None = None
         with open(self.log_path, "wb") as out, open(self.err_path, "wb") as err:
             command = launch(self) if launch is not None else [sys.executable, "egress_guard.py"]
-            self.process = subprocess.Popen(command, cwd=REPO, env=self.env,
+            # A process group of its own: a launcher (`make run`) and the proxy it starts
+            # are stopped together.
+            self.process = subprocess.Popen(command, cwd=REPO, env=self.env, start_new_session=True,
                                             stdout=out, stderr=err, stdin=subprocess.DEVNULL)
         if wait:
             self.wait_ready()
@@ -224,14 +226,21 @@ class Proxy:
         return self.returncode
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> int:
-        """SIGTERM, wait up to `timeout`, then kill; the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+        """SIGTERM to the process group, wait up to `timeout` for all of it, then kill;
+        the exit code of the launched process."""
+        deadline = time.monotonic() + timeout
+        group = self.process.pid  # the session leader's pid is the group's id
+        if self.process.poll() is None or _group_alive(group):
+            _signal_group(group, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _signal_group(group, signal.SIGKILL)
+            self.process.wait(timeout=5)
+        while _group_alive(group) and time.monotonic() < deadline:  # what a launcher started
+            time.sleep(0.05)
+        if _group_alive(group):
+            _signal_group(group, signal.SIGKILL)
         self.returncode = self.process.returncode
         return self.returncode
 
@@ -326,6 +335,28 @@ class Proxy:
         actions = {l["action"] for l in self.log_lines() if "action" in l}
         assert labels and labels <= STATUS_WORDS, labels - STATUS_WORDS
         assert actions <= STATUS_WORDS, actions - STATUS_WORDS
+
+
+def _signal_group(group: int, signum: int) -> None:
+    try:
+        os.killpg(group, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _group_alive(group: int) -> bool:
+    """Does a process of `group` still run (zombies waiting to be reaped do not count)?"""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            return True
+    return False
 
 
 class ProxyFactory:
