@@ -635,14 +635,19 @@ def send_raw(proxy: Proxy, data: bytes, timeout: float = IO_TIMEOUT) -> Reply:
         raise
 
 
-def connect(proxy: Proxy, target: str, key: str | None, *, headers: Iterable[str] = (),
-            timeout: float = IO_TIMEOUT) -> Reply:
-    """Send `CONNECT target` (with Basic auth when `key` is given); the reply, socket open."""
+def connect_head(target: str, key: str | None, headers: Iterable[str] = ()) -> bytes:
+    """The head of `CONNECT target` (with Basic auth when `key` is given)."""
     lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
     if key is not None:
         lines.append(f"Proxy-Authorization: {basic(key)}")
     lines += list(headers)
-    return send_raw(proxy, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), timeout)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def connect(proxy: Proxy, target: str, key: str | None, *, headers: Iterable[str] = (),
+            timeout: float = IO_TIMEOUT) -> Reply:
+    """Send `CONNECT target` (with Basic auth when `key` is given); the reply, socket open."""
+    return send_raw(proxy, connect_head(target, key, headers), timeout)
 
 
 def tls_wrap(sock: socket.socket, ca: Any, sni: str | None, timeout: float = IO_TIMEOUT,

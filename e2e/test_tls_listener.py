@@ -31,8 +31,8 @@ from _support import (
     Proxy,
     ProxyFactory,
     Upstream,
-    basic,
     clean_env,
+    connect_head,
     free_port,
     read_reply,
     recv_exactly,
@@ -128,17 +128,10 @@ def connect_tls(proxy: Proxy, pki: PKI, target: str, *, cert: Issued | None = No
     """CONNECT through the TLS listener; the reply (its socket is the TLS connection)."""
     offset = proxy.log_size()
     sock = tls_client(proxy, pki, cert)
-    lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
-    if key is not None:
-        lines.append(f"Proxy-Authorization: {basic(key)}")
-    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    sock.sendall(connect_head(target, key))
     reply = read_reply(sock)
     reply.log_offset = offset
     return reply
-
-
-def decision_for(proxy: Proxy, reply: Any) -> dict:
-    return proxy.decision(reply)
 
 
 # ---------------------------------------------------------------------------
@@ -174,7 +167,7 @@ def test_refusals_are_answered_inside_tls(proxy: Proxy, pki: PKI) -> None:
     with connect_tls(proxy, pki, "evil.example.com:443", key="app-key") as reply:
         assert reply.status == 403 and "destination not allowed" in reply.text
         assert "Proxy-Status" in reply.raw_head.decode()
-    line = decision_for(proxy, reply)
+    line = proxy.decision(reply)
     assert line["listener"] == "tls" and line["action"] == "denied" and line["auth"] == "api_key", line
     with connect_tls(proxy, pki, "api.example.com:443") as reply:
         assert reply.status == 407 and reply.headers["proxy-authenticate"].startswith("Basic")
@@ -190,8 +183,7 @@ def test_a_hello_sent_with_the_head_is_judged_inside_the_tls_session(proxy: Prox
     with sock:
         inner = BioTLS(sock, ca, sni)
         target = f"api.example.com:{fresh_tls_upstream.port}"
-        head = f"CONNECT {target} HTTP/1.1\r\nProxy-Authorization: {basic('app-key')}\r\n\r\n".encode()
-        sock.sendall(head + inner.client_hello())
+        sock.sendall(connect_head(target, "app-key") + inner.client_hello())
         assert read_reply(sock).status == 200
         if allowed:
             inner.finish_handshake()
@@ -275,7 +267,7 @@ def test_a_certificate_and_a_key_that_disagree_get_407(proxy: Proxy, pki: PKI) -
     with connect_tls(proxy, pki, "api.example.com:443", cert=pki.web, key="app-key") as reply:
         assert reply.status == 407
         assert "client certificate and API key name different identities" in reply.text
-    line = decision_for(proxy, reply)
+    line = proxy.decision(reply)
     assert line["identity"] == "-" and line["action"] == "auth_required", line
     assert "certificate: web, API key: app" in line["reason"]
     # Agreeing credentials are fine.
@@ -430,7 +422,7 @@ def test_bulk_both_ways_through_the_tls_listener(proxy: Proxy, pki: PKI, echo_up
         sock.sendall(payload)
         reader.join(30)
         assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
-    line = proxy.wait_log(lambda l: l.get("message") == "tunnel closed" and l.get("conn") == decision_for(proxy, reply)["conn"])
+    line = proxy.wait_log(lambda l: l.get("message") == "tunnel closed" and l.get("conn") == proxy.decision(reply)["conn"])
     assert line["bytes_up"] == len(payload)
     # The echo upstream answers the client's close with "EOF:<n>", which may or may not
     # still reach the closing client.

@@ -87,21 +87,22 @@ class Counts:
         return []  # registering must not call collect() (it runs at scrape time only)
 
     def collect(self) -> Any:
-        (requests, active, sent, durations, auth) = (f[0] for f in self.FAMILIES)
-        text = {f[0]: f[3] for f in self.FAMILIES}
-        for name, labels, values in ((requests, ("identity", "destination", "status"), self.requests),
-                                     (sent, ("identity", "direction"), self.bytes),
-                                     (auth, ("identity", "auth", "listener"), self.authentications)):
-            family = CounterMetricFamily(name, text[name], labels=labels)
-            for key, value in list(values.items()):
-                family.add_metric(key, value)
+        counters = {"egress_proxy_requests_total": self.requests, "egress_proxy_bytes_total": self.bytes,
+                    "egress_proxy_authentications_total": self.authentications}
+        for name, kind, labels, text in self.FAMILIES:
+            if kind == "counter":
+                family = CounterMetricFamily(name, text, labels=labels)
+                for key, value in list(counters[name].items()):
+                    family.add_metric(key, value)
+            elif kind == "gauge":
+                family = GaugeMetricFamily(name, text, value=self.active_tunnels)
+            else:
+                cumulative, buckets = 0, []
+                for bound, count in zip((*DURATION_BUCKETS, float("inf")), self.durations):
+                    cumulative += count
+                    buckets.append((floatToGoString(bound), cumulative))
+                family = HistogramMetricFamily(name, text, buckets=buckets, sum_value=self.duration_sum)
             yield family
-        yield GaugeMetricFamily(active, text[active], value=self.active_tunnels)
-        cumulative, buckets = 0, []
-        for bound, count in zip((*DURATION_BUCKETS, float("inf")), self.durations):
-            cumulative += count
-            buckets.append((floatToGoString(bound), cumulative))
-        yield HistogramMetricFamily(durations, text[durations], buckets=buckets, sum_value=self.duration_sum)
 
 
 class Metrics:
