@@ -408,3 +408,54 @@ def test_revocation_cuts_an_in_flight_plain_http_exchange(start_proxy) -> None:
     finally:
         origin.release.set()
         origin.close()
+
+
+# -- remembered parses and verdicts (wire/http.py parse_head, policy/decide.py judge) ------------
+
+
+def _tunnel_line(proxy: Proxy, ca, target: str, host: str, key: str = "app-key") -> dict:
+    """Open a TLS tunnel to `target` with SNI `host`; its decision line."""
+    with connect(proxy, target, key) as reply:
+        assert reply.status == 200, reply.status
+        stream = tls_wrap(reply.sock, ca, host)
+        stream.sendall(b"ping")
+        assert recv_exactly(stream, 4) == b"ping"
+        stream.close()
+    return proxy.decision(reply)
+
+
+def test_a_repeated_request_is_recorded_as_the_first_and_reloads_forget_it(start_proxy, tls_upstream: Upstream,
+                                                                           ca) -> None:
+    """The same CONNECT head, byte for byte, is parsed once and its allowing verdicts are
+    remembered with the policy in force. The remembered answer must be the one judging
+    gives (the same decision line), and must not outlive the policy: after a reload that
+    drops the destination, then one that drops the key, the very same head is refused."""
+    proxy: Proxy = start_proxy(WITH_OTHER, WATCH_INTERVAL="3600")
+    target = f"other.example.com:{tls_upstream.port}"
+    first = _tunnel_line(proxy, ca, target, "other.example.com")
+    again = [_tunnel_line(proxy, ca, target, "other.example.com") for _ in range(3)]
+    varying = ("timestamp", "conn", "client")
+    for line in again:
+        assert {k: v for k, v in line.items() if k not in varying} == \
+            {k: v for k, v in first.items() if k not in varying}
+    assert first["action"] == "allowed" and first["rule"] == "other.example.com" and first["sni"] == "other.example.com"
+    # The remembered allow for this SNI must not stand in for another SNI on the same head.
+    with connect(proxy, target, "app-key") as reply:
+        assert reply.status == 200
+        with pytest.raises((ssl.SSLError, OSError)):
+            tls_wrap(reply.sock, ca, "api.example.com", check_hostname=False).sendall(b"x")
+    assert proxy.decision(reply)["action"] == "sni_mismatch"
+
+    reloads = counter(proxy, "egress_proxy_config_reloads_total")
+    proxy.write_policy(WITHOUT_OTHER)
+    proxy.signal(signal.SIGHUP)
+    wait_counter(proxy, "egress_proxy_config_reloads_total", reloads + 1)
+    assert status_of(proxy, target) == 403
+    assert status_of(proxy, f"api.example.com:{tls_upstream.port}") == 200
+
+    proxy.write_policy(WITH_OTHER.replace('"app-key"', '"rotated-key"'))
+    proxy.signal(signal.SIGHUP)
+    wait_counter(proxy, "egress_proxy_config_reloads_total", reloads + 2)
+    assert status_of(proxy, target) == 407
+    assert status_of(proxy, target, key="rotated-key") == 200
+    assert proxy.running

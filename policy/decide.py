@@ -39,7 +39,7 @@ from typing import NamedTuple
 from .addresses import IPAddress, unwrap
 from .certificates import describe
 from .hosts import Host, HostError, parse_host
-from .model import Identity, Policy, Rule
+from .model import Identity, Policy, Rule, key_digest
 
 
 class Status(enum.StrEnum):
@@ -147,7 +147,9 @@ class Verdict(NamedTuple):
     in order.
 
     `decisions` ends at the first refusal (then `refusal` is it). `rule` is the first
-    rule any check matched; `reported` the reasons report mode let through.
+    rule any check matched; `reported` the reasons report mode let through. `status`
+    (the decision word for the record: refused, reported or allowed) and `reason` are
+    worked out once, when the verdict is made: the live path reads them for every request.
     """
 
     identity: Identity | None
@@ -156,6 +158,8 @@ class Verdict(NamedTuple):
     refusal: Decision | None
     rule: Rule | None
     reported: tuple[str, ...]
+    status: str
+    reason: str
 
     @classmethod
     def of(cls, identity: Identity | None, decisions: Sequence[Decision], question: Question | None = None) -> Verdict:
@@ -168,26 +172,17 @@ class Verdict(NamedTuple):
                 refusal = decision
             elif decision.status == Status.REPORTED:
                 reported.append(decision.reason)
-        return _new(cls, (identity, question, tuple(decisions), refusal, rule, tuple(reported)))
+        if refusal is not None:
+            status, reason = refusal.status, refusal.reason
+        elif reported:
+            status, reason = Status.REPORTED, "; ".join(reported)
+        else:
+            status, reason = Status.ALLOWED, REASON_DESTINATION_ALLOWED
+        return _new(cls, (identity, question, tuple(decisions), refusal, rule, tuple(reported), status, reason))
 
     @property
     def allowed(self) -> bool:
         return self.identity is not None and self.refusal is None
-
-    @property
-    def status(self) -> str:
-        """The decision word for the record: refused, reported or allowed."""
-        refusal = self.refusal
-        if refusal is not None:
-            return refusal.status
-        return Status.REPORTED if self.reported else Status.ALLOWED
-
-    @property
-    def reason(self) -> str:
-        refusal = self.refusal
-        if refusal is not None:
-            return refusal.reason
-        return "; ".join(self.reported) or REASON_DESTINATION_ALLOWED
 
 
 def authenticate(policy: Policy, key: str | None, certificate: Sequence[str] = ()) -> Decision | Identity:
@@ -226,7 +221,51 @@ def judge(policy: Policy, key: str | None, question: Question, identity: Identit
     verdict the same request got from this same `policy` on fewer facts (the live path
     asks again as it learns more): its decisions stand, and only the checks whose facts
     are new since then run.
+
+    Verdicts that let a request through are remembered on `policy` (`Policy.verdicts`),
+    by everything they were judged on: the credentials (as the policy holds them: the
+    key's digest) or the identity, or the very `prior` verdict they continue; and every
+    fact of `question`. A client asking again for the same destination with the same
+    credentials gets the same verdict from a dictionary lookup: the checks are pure
+    functions of those inputs and of the policy, so it is the verdict they would give.
+    A reload brings a new policy, and so an empty memory; refusals are never remembered.
     """
+    if prior is not None:
+        who: object = id(prior)  # its entry keeps `prior` alive, so the id stays its own
+    elif identity is not None:
+        who = identity  # authenticated by the caller: the credentials decide nothing more
+    else:
+        try:
+            who = (None if key is None else key_digest(key),
+                   certificate if type(certificate) is tuple else tuple(certificate))
+        except UnicodeEncodeError:
+            return _judge(policy, key, question, identity, prior, certificate)
+    addresses = question.addresses
+    if addresses is None:
+        seen = None
+    elif len(addresses) == 1 and type(addresses[0]) is not str:
+        seen = (type(addresses[0]), addresses[0]._ip)  # noqa: SLF001 - ipaddress's integer, no Python-level hash
+    else:
+        seen = tuple((type(a), a) if type(a) is str else (type(a), a._ip) for a in addresses)  # noqa: SLF001
+    facts = (who, question.host.name, question.port, question.http, seen, question.tls, question.sni)
+    verdicts = policy.verdicts
+    known = verdicts.get(facts)
+    if known is not None and known[0] is prior:
+        return known[1]
+    verdict = _judge(policy, key, question, identity, prior, certificate)
+    if verdict.refusal is None and verdict.identity is not None:
+        if len(verdicts) >= VERDICTS_KEPT:
+            verdicts.clear()  # a client inventing destinations cannot grow it: start again
+        verdicts[facts] = (prior, verdict)
+    return verdict
+
+
+# Allowing verdicts a policy snapshot remembers (judge); a few hundred bytes each.
+VERDICTS_KEPT = 4096
+
+
+def _judge(policy: Policy, key: str | None, question: Question, identity: Identity | None,
+           prior: Verdict | None, certificate: Sequence[str]) -> Verdict:
     if prior is not None:
         asked = prior.question
         if prior.refusal is not None or prior.identity is None or asked is None:

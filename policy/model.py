@@ -303,6 +303,9 @@ class Policy:
     digest: str = ""
     test_count: int = 0
     _keys: Mapping[bytes, tuple[bytes, Identity]] = field(init=False, repr=False)
+    # Allowing verdicts by what they were judged on (policy/decide.py, judge): the one
+    # mutable part of a snapshot, a memory that goes with it when a reload replaces it.
+    verdicts: dict[tuple[object, ...], object] = field(init=False, repr=False, default_factory=dict)
     _certs: Mapping[str, Identity] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

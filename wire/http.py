@@ -121,8 +121,33 @@ def find_head_end(buffer: bytes | bytearray, start: int = 0) -> int:
     return -1 if end < 0 else end + 4
 
 
+# Heads parsed before, by their bytes: a pod reconnecting to the same destination sends
+# the same head every time, and parsing is a pure function of the bytes, so the same
+# head gets the same (immutable) Request back from a dictionary lookup. Only heads that
+# parsed, up to MEMO_HEAD_BYTES each, and MEMO_HEADS of them; a client sending ever
+# new heads only makes the memory start again.
+MEMO_HEADS = 1024
+MEMO_HEAD_BYTES = 1024
+_parsed: dict[bytes, Request] = {}
+_remembered: set[int] = set()  # ids of the Requests in _parsed (alive while they are there)
+
+
 def parse_head(head: bytes) -> Request:
     """Parse a complete request head (ending with CRLF CRLF)."""
+    request = _parsed.get(head)
+    if request is None:
+        request = _parse_head(head)
+        if len(head) <= MEMO_HEAD_BYTES:
+            if len(_parsed) >= MEMO_HEADS:
+                _parsed.clear()
+                _remembered.clear()
+                _credentials.clear()
+            _parsed[head] = request
+            _remembered.add(id(request))
+    return request
+
+
+def _parse_head(head: bytes) -> Request:
     if len(head) > MAX_HEAD_BYTES:
         raise HeadTooLarge(f"request head exceeds {MAX_HEAD_BYTES} bytes")
     if not head.endswith(HEAD_END):
@@ -262,6 +287,9 @@ def proxy_credentials(request: Request) -> str | None:
     ambiguity an attacker wants) and ValueError for a malformed one; the caller
     answers 407 to ValueError and never echoes the header.
     """
+    known = _credentials.get(id(request))
+    if known is not None and known[0] is request:  # a Request parse_head remembered
+        return known[1]
     values = request.get("Proxy-Authorization")
     if not values:
         return None
@@ -281,4 +309,10 @@ def proxy_credentials(request: Request) -> str | None:
     username = text.partition(":")[0]
     if not username:
         raise ValueError("Proxy-Authorization has an empty username")
+    if id(request) in _remembered:
+        _credentials[id(request)] = (request, username)
     return username
+
+
+# The API key of each Request parse_head remembered, by its id (with the Request, to prove it).
+_credentials: dict[int, tuple[Request, str]] = {}
