@@ -25,7 +25,6 @@ import sys
 from typing import Any, Callable, Sequence
 
 import gevent
-import gevent.pool
 from gevent import socket
 from gevent.event import Event
 from gevent.pywsgi import WSGIServer
@@ -37,6 +36,7 @@ from policy import Identity, Policy, PolicyError, Status
 from proxy import cli
 from proxy.admin import admin_app
 from proxy.admission import Admission, apply
+from proxy.connections import Connections
 from proxy.dial import load_hosts_file, system_resolver
 from proxy.flow import Flow
 from proxy.forward import forward
@@ -100,9 +100,9 @@ class Proxy:
         self.admission = admission
         self.records = admission.records
         self.server_tls = server_tls
-        # Unbounded pool: MAX_CONNECTIONS is enforced in handle() with a quick 503, not
-        # by leaving clients waiting in the accept backlog.
-        self.connections = gevent.pool.Pool(None)
+        # Unbounded: MAX_CONNECTIONS is enforced in handle() with a quick 503, not by
+        # leaving clients waiting in the accept backlog.
+        self.connections = Connections()
         self.servers: list[Listener] = []
         # Read at scrape time: nothing to update on the hot path.
         admission.metrics.client_connections.set_function(lambda: len(self.connections))
@@ -113,10 +113,10 @@ class Proxy:
         settings = self.settings
         if settings.proxy_port:
             self._start(Listener((settings.proxy_host, settings.proxy_port), self.handle,
-                                 spawn=self.connections, backlog=4096), "PROXY_PORT", settings.proxy_port)
+                                 spawn=self.connections.spawn, backlog=4096), "PROXY_PORT", settings.proxy_port)
         if self.server_tls is not None:
             self._start(TLSListener((settings.proxy_host, settings.proxy_tls_port), self.handle, self.server_tls,
-                                    spawn=self.connections, backlog=4096), "PROXY_TLS_PORT", settings.proxy_tls_port)
+                                    spawn=self.connections.spawn, backlog=4096), "PROXY_TLS_PORT", settings.proxy_tls_port)
 
     def _start(self, server: Listener, variable: str, port: int) -> None:
         try:
@@ -151,7 +151,7 @@ class Proxy:
                     flow.client_stream = stream
                 request, buffered = read_request(stream, buffered, flow, admission.sweeper,
                                                  self.settings.header_timeout)
-                if request.is_connect:
+                if request.method == "CONNECT":
                     self.tunnel(stream, request, buffered, flow)
                     return
                 keep_alive, buffered = forward(admission, stream.to_gevent(), request, buffered, flow)
@@ -256,7 +256,7 @@ class Proxy:
                 flow.close("shutdown")  # pumps end and log their summary
             self.connections.join(timeout=0.5)
             # Whatever is left is mid-handshake (reading a head or a hello): end it.
-            self.connections.kill(block=True, timeout=2)
+            self.connections.kill(timeout=2)
 
 
 # ---------------------------------------------------------------------------

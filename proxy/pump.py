@@ -28,9 +28,9 @@ import os
 import socket
 from typing import Any, Callable
 
-import gevent
 from gevent.hub import Waiter
 
+from proxy.connections import WORKERS
 from proxy.flow import Flow, abort
 from proxy.refusal import Refusal
 from proxy.stream import Stream, hub
@@ -105,14 +105,14 @@ def relay(client: Stream, upstream: Stream, flow: Flow, first: Callable[[bytes],
     """Pump until both directions end; counts go into `flow`.
 
     This greenlet copies client -> upstream; a second, raw greenlet (no Greenlet
-    bookkeeping: links, exception records) copies upstream -> client and reports back
-    through a Waiter when it ends. `first` (with `.done`), if given, judges the client's
+    bookkeeping: links, exception records; a parked one reused, proxy/connections.py)
+    copies upstream -> client and reports back through a Waiter when it ends. `first` (with `.done`), if given, judges the client's
     first bytes before they go on (proxy/handshake.py: LateFirstBytes); `judged` is
     called once it is done. A Refusal it raises is answered to the client here, before
     both sides are shut, and then raised.
     """
     done = Waiter(hub())
-    gevent.spawn_raw(_copy_then_report, upstream, client, flow, done)
+    WORKERS.run(_copy_then_report, upstream, client, flow, done)
     finished = False
     try:
         if first is None or _first_bytes(client, upstream, flow, first, judged):
