@@ -8,7 +8,8 @@ does it again with more tunnels: the difference, divided by the difference in tu
 is what one tunnel costs in system calls, greenlet switches and Python function calls
 (start-up and shutdown cancel out). Budgets are the figures measured when the lean path
 landed (bench/README.md gives the breakdown), plus a margin for the few counts that
-depend on timing (event-loop turns).
+depend on timing (event-loop turns). It measures twice: with the same head every time (a
+pod reconnecting; its parse and verdicts are remembered) and with a new head each time.
 """
 
 from __future__ import annotations
@@ -29,11 +30,16 @@ import pytest
 from _support import HOSTS, REPO, Upstream, basic, clean_env, free_port, wait_until
 
 # Per TLS tunnel (CONNECT, 200, a 517-byte ClientHello echoed back, close), one client at a
-# time: measured 47 system calls, 12 switches and 484 Python calls when the lean path landed
-# (bench/README.md).
-# One at a time, every step is its own event-loop turn; under load they share turns and
-# fewer calls are made per tunnel (about 35, `make bench` with strace).
-BUDGET = {"syscalls": 52, "switches": 15, "calls": 540}
+# time: when the greenlets and parses began to be reused (bench/README.md) a tunnel took 42
+# system calls, 12 switches and 302 Python calls with a head the proxy had seen before (a
+# pod reconnecting: the parse and the verdicts come from memory), and 375 Python calls with
+# a new head each time (its own parse and key). One at a time, every step is its own
+# event-loop turn; under load they share turns and fewer calls are made per tunnel.
+BUDGET = {"syscalls": 46, "switches": 15, "calls": 330}
+BUDGET_NEW_HEADS = {"syscalls": 46, "switches": 15, "calls": 410}
+# A greenlet of its own for each connection and each pump would map and unmap a frame
+# stack (16 KiB) per greenlet: parked greenlets are reused (proxy/connections.py).
+MAX_MAPPINGS = 0.5
 FEW, MANY = 40, 160
 
 POLICY = """
@@ -55,10 +61,13 @@ def client_hello() -> bytes:
     return outgoing.read()
 
 
-def tunnels(port: int, upstream: int, count: int, hello: bytes) -> None:
-    head = (f"CONNECT api.example.com:{upstream} HTTP/1.1\r\nHost: api.example.com:{upstream}\r\n"
-            f"Proxy-Authorization: {basic('app-key')}\r\n\r\n").encode()
-    for _ in range(count):
+def tunnels(port: int, upstream: int, count: int, hello: bytes, new_heads: bool = False) -> None:
+    """`count` TLS tunnels one after another; `new_heads`: each head differs from every
+    head before (a header with the tunnel's number), so none is parsed from memory."""
+    for number in range(count):
+        extra = f"X-Tunnel: {number}\r\n" if new_heads else ""
+        head = (f"CONNECT api.example.com:{upstream} HTTP/1.1\r\nHost: api.example.com:{upstream}\r\n"
+                f"Proxy-Authorization: {basic('app-key')}\r\n{extra}\r\n").encode()
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.sendall(head)
@@ -77,7 +86,8 @@ def tunnels(port: int, upstream: int, count: int, hello: bytes) -> None:
             assert echoed == hello
 
 
-def measure(tmp: Path, count: int, upstream: Upstream, hello: bytes) -> tuple[dict[str, int], dict[str, int]]:
+def measure(tmp: Path, count: int, upstream: Upstream, hello: bytes,
+            new_heads: bool = False) -> tuple[dict[str, int], dict[str, int]]:
     """(system calls by name, {switches, calls}) of one proxy run serving `count` tunnels."""
     tmp.mkdir()
     (tmp / "policy.yaml").write_text(POLICY)
@@ -96,7 +106,7 @@ def measure(tmp: Path, count: int, upstream: Upstream, hello: bytes) -> tuple[di
     try:
         # Ready when it says so in its log: polling /ready would add requests to count.
         assert wait_until(lambda: b"egress-guard listening" in log.read_bytes(), 30), log.read_text()
-        tunnels(port, upstream.port, count, hello)
+        tunnels(port, upstream.port, count, hello, new_heads)
         time.sleep(0.2)  # the last tunnel's summary is written
     finally:
         # The proxy is strace's child: SIGTERM to strace would only detach it.
@@ -112,7 +122,8 @@ def measure(tmp: Path, count: int, upstream: Upstream, hello: bytes) -> tuple[di
     return calls, json.loads((tmp / "switches.json").read_text())
 
 
-def test_system_calls_and_switches_per_tunnel(tmp_path: Path) -> None:
+@pytest.mark.parametrize("new_heads", [False, True], ids=["heads-seen-before", "new-heads"])
+def test_system_calls_and_switches_per_tunnel(tmp_path: Path, new_heads: bool) -> None:
     if shutil.which("strace") is None:
         pytest.skip("strace is not installed (make tools installs it)")
     probe = subprocess.run(["strace", "-f", "-c", "-o", "/dev/null", "true"], capture_output=True, timeout=30)
@@ -121,8 +132,8 @@ def test_system_calls_and_switches_per_tunnel(tmp_path: Path) -> None:
     upstream = Upstream()
     hello = client_hello()
     try:
-        few, few_switches = measure(tmp_path / "few", FEW, upstream, hello)
-        many, many_switches = measure(tmp_path / "many", MANY, upstream, hello)
+        few, few_switches = measure(tmp_path / "few", FEW, upstream, hello, new_heads)
+        many, many_switches = measure(tmp_path / "many", MANY, upstream, hello, new_heads)
     finally:
         upstream.close()
     span = MANY - FEW
@@ -134,7 +145,10 @@ def test_system_calls_and_switches_per_tunnel(tmp_path: Path) -> None:
     breakdown = ", ".join(f"{name} {v:.1f}" for name, v in sorted(per_call.items(), key=lambda i: -i[1]) if v >= 0.5)
     print(f"per tunnel: {syscalls:.1f} system calls ({breakdown}); {switches:.1f} greenlet switches; "
           f"{python_calls:.0f} Python function calls")
-    assert syscalls <= BUDGET["syscalls"], f"{syscalls:.1f} system calls per tunnel ({breakdown})"
-    assert switches <= BUDGET["switches"], f"{switches:.1f} greenlet switches per tunnel"
-    assert python_calls <= BUDGET["calls"], f"{python_calls:.0f} Python function calls per tunnel"
+    budget = BUDGET_NEW_HEADS if new_heads else BUDGET
+    assert syscalls <= budget["syscalls"], f"{syscalls:.1f} system calls per tunnel ({breakdown})"
+    assert switches <= budget["switches"], f"{switches:.1f} greenlet switches per tunnel"
+    assert python_calls <= budget["calls"], f"{python_calls:.0f} Python function calls per tunnel"
+    mappings = per_call.get("mmap", 0) + per_call.get("munmap", 0)
+    assert mappings <= MAX_MAPPINGS, f"{mappings:.1f} mmap/munmap per tunnel: greenlets not reused? ({breakdown})"
     assert syscalls > 10 and switches > 2 and python_calls > 50, "counts this low: the measurement is broken"

@@ -24,6 +24,7 @@ from .hosts import HostError, parse_host, unwrap
 __all__ = [
     "DEFAULT_FORBIDDEN",
     "ForbiddenRanges",
+    "address_text",
     "IPAddress",
     "IPNetwork",
     "NetworkError",
@@ -36,7 +37,24 @@ __all__ = [
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPv4Address = ipaddress.IPv4Address
+IPv6Address = ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_TEXTS: dict[int, str] = {}  # IPv4 address integer -> its text, for the addresses proxies dial
+
+
+def address_text(ip: IPAddress) -> str:
+    """str(ip), remembered for IPv4 addresses: ipaddress builds the text in Python on
+    every call, and every tunnel needs its address's text to dial it and to log it."""
+    if type(ip) is not IPv4Address:
+        return str(ip)
+    text = _TEXTS.get(ip._ip)  # noqa: SLF001 - the address's integer
+    if text is None:
+        text = str(ip)
+        if len(_TEXTS) >= 4096:
+            _TEXTS.clear()
+        _TEXTS[ip._ip] = text  # noqa: SLF001
+    return text
 
 V = TypeVar("V")
 

@@ -18,6 +18,7 @@ import logging
 import time
 
 from policy import Identity, Policy, Status, Verdict, judge, unwrap
+from policy.addresses import IPv4Address
 from proxy.deadlines import Sweeper
 from proxy.dial import Address, ResolveError, Resolver, dial, system_resolver
 from proxy.flow import Flow
@@ -48,8 +49,9 @@ class Admission:
         """Steps 4-5: who is asking, and may they reach this target? The policy snapshot
         this request is judged by (read once, here) and the identity."""
         current = self.policy
-        flow.method, flow.host, flow.port = request.method, request.host, request.port
-        flow.http = not request.is_connect
+        flow.method = request.method
+        flow.target(request.host, request.port)
+        flow.http = request.method != "CONNECT"
         flow.key = credentials(request)
         certificate = flow.certificate
         verdict = judge(current, flow.key, flow.question(), certificate=certificate)
@@ -167,12 +169,15 @@ def credentials(request: http.Request) -> str | None:
 
 
 def apply(flow: Flow, verdict: Verdict, version: int = 0x0303) -> None:
-    """Act on a verdict: raise its refusal, or note it for the decision record.
-    `version`: the record version of the client's ClientHello, for the alert."""
+    """Act on a verdict: raise its refusal, or note it for the decision record (it covers
+    every check so far). `version`: the record version of the client's ClientHello, for
+    the alert."""
     refusal = verdict.refusal
     if refusal is not None:
         raise from_decision(refusal, established=flow.established, in_tls=bool(flow.tls), version=version)
-    flow.note(verdict)
+    flow.status, flow.reason = verdict.status, verdict.reason
+    rule = verdict.rule
+    flow.rule = rule.text if rule is not None else None
 
 
 def open_upstream(current: Policy, identity: Identity, flow: Flow, resolve: Resolver,
@@ -190,12 +195,15 @@ def open_upstream(current: Policy, identity: Identity, flow: Flow, resolve: Reso
         addresses = (host.ip,)
     else:
         try:
-            addresses = tuple(unwrap(a) for a in resolve(host.name, timeout))
+            found = resolve(host.name, timeout)
         except ResolveError as error:
             raise Refusal.answer_http(502, f"could not resolve {host.name}", error=str(error),
                                       kind=error.kind) from None
-        if not addresses:
+        if not found:
             raise Refusal.answer_http(502, f"could not resolve {host.name}", error="no addresses", kind="dns_error")
+        # IPv4-mapped IPv6 addresses are judged and dialled as the IPv4 address they are.
+        addresses = (found[0],) if len(found) == 1 and type(found[0]) is IPv4Address \
+            else tuple([unwrap(address) for address in found])
     verdict = judge(current, flow.key, flow.question(addresses), identity, prior=flow.verdict)
     apply(flow, verdict)
     flow.verdict = verdict

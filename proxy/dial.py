@@ -18,7 +18,7 @@ import gevent
 from gevent import socket
 
 import policy
-from policy.addresses import IPAddress
+from policy.addresses import IPAddress, IPv6Address, address_text
 from proxy.deadlines import Deadline
 from proxy.refusal import Refusal
 from proxy.stream import Stream, hub
@@ -95,6 +95,10 @@ def system_resolver(hosts: dict[str, list[Address]]) -> Resolver:
     return resolve
 
 
+# A non-blocking TCP socket in one system call where the kernel allows it (Linux).
+_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
+_STREAM = socket.SOCK_STREAM | _NONBLOCK
+
 # RFC 9209 error types of connect() failures (Proxy-Status); others: destination_unavailable.
 _CONNECT_KINDS = {
     errno.ECONNREFUSED: "connection_refused",
@@ -115,12 +119,13 @@ def dial(flow: Flow, addresses: Sequence[Address], port: int, sweeper: Sweeper, 
     sweeper.arm(flow, timeout)
     try:
         for address in addresses:
-            family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-            sock = _socket.socket(family, socket.SOCK_STREAM)  # the real one, not gevent's
-            sock.setblocking(False)
+            family = socket.AF_INET6 if type(address) is IPv6Address else socket.AF_INET
+            sock = _socket.socket(family, _STREAM)  # the real one, not gevent's
+            if not _NONBLOCK:
+                sock.setblocking(False)
             stream = flow.upstream = Stream(sock)
             try:
-                error = sock.connect_ex((str(address), port))
+                error = sock.connect_ex((address_text(address), port))
                 if error == errno.EINPROGRESS:
                     hub().wait(stream.writable)
                     error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)

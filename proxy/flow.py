@@ -20,8 +20,10 @@ from typing import Any
 
 from policy import Host, Question, Status, Verdict
 from policy.addresses import IPAddress as Address
+from policy.addresses import IPv6Address
 
-UNAUTHENTICATED = "-"  # the identity of a request before (or without) authentication
+UNAUTHENTICATED = "-"
+_new = tuple.__new__  # a NamedTuple without its Python-level __new__  # the identity of a request before (or without) authentication
 
 # Connection ids: a per-process prefix (so two replicas' or two runs' ids differ) and a
 # counter, e.g. "3fa9c1-17": short to read and to grep, unique within the logs of a fleet.
@@ -39,7 +41,7 @@ class Flow:
 
     __slots__ = (
         # the request
-        "conn", "client", "listener", "certificate", "method", "key", "host", "port", "http",
+        "conn", "client", "listener", "certificate", "method", "key", "host", "port", "destination", "http",
         # the decision so far
         "identity", "auth", "status", "reason", "rule", "address", "tls", "sni", "established", "verdict",
         # once admitted
@@ -58,6 +60,7 @@ class Flow:
         self.key: str | None = None  # kept only to re-authenticate on reload; never logged (see __repr__)
         self.host: Host | None = None
         self.port = 0
+        self.destination = ""  # host:port as logged ([v6]:port), set with them by target()
         self.http = False  # a plain-HTTP exchange rather than a CONNECT tunnel
         self.identity = UNAUTHENTICATED
         self.auth: str | None = None  # how the identity was proven: "api_key" or "certificate"
@@ -90,28 +93,17 @@ class Flow:
     def __repr__(self) -> str:
         return f"<Flow {self.identity} -> {self.destination}>"
 
-    @property
-    def destination(self) -> str:
-        host = self.host
-        if host is None:
-            return ""
-        if host.ip is not None and host.ip.version == 6:
-            return f"[{host.name}]:{self.port}"
-        return f"{host.name}:{self.port}"
+    def target(self, host: Host, port: int) -> None:
+        """What the request asks for: `host` at `port` (and its text, `destination`)."""
+        self.host, self.port = host, port
+        self.destination = f"[{host.name}]:{port}" if type(host.ip) is IPv6Address else f"{host.name}:{port}"
 
     def question(self, addresses: tuple[Address, ...] | None = None) -> Question:
         """Everything known about this request, as the policy's check list asks it."""
         assert self.host is not None
         if addresses is None and self.address is not None:
             addresses = (self.address,)
-        return Question(self.host, self.port, self.http, addresses, self.tls, self.sni)
-
-    def note(self, verdict: Verdict) -> None:
-        """Take the latest verdict (it covers every check so far) for the record."""
-        self.status = verdict.status
-        self.reason = verdict.reason
-        rule = verdict.rule
-        self.rule = rule.text if rule is not None else None
+        return _new(Question, (self.host, self.port, self.http, addresses, self.tls, self.sni))
 
     def close(self, why: str) -> None:
         """End the flow now (revocation, shutdown): blocked reads on both sides return."""

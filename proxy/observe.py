@@ -28,6 +28,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.utils import floatToGoString
 from pythonjsonlogger.json import JsonFormatter
 
+from policy.addresses import address_text
 from proxy.flow import UNAUTHENTICATED, Flow
 from proxy.status import Activity
 
@@ -229,29 +230,27 @@ class BufferedStreamHandler(logging.StreamHandler):
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
         # As for the metric locks above: the operating system's lock, not gevent's
-        # Python-level one; every write comes from the main thread's greenlets.
-        self.lock = monkey.get_original("threading", "RLock")()
+        # Python-level one (threading.RLock is the pure-Python one once monkey-patched);
+        # every write comes from the main thread's greenlets.
+        self.lock = monkey.get_original("_thread", "RLock")()
         self._pending = False
         self._loop: Any = None
 
     def write_line(self, line: str) -> None:
         self.stream.write(line + "\n")
-        if not self._pending:
-            self._schedule_flush()
+        if not self._pending:  # the first line of this turn of the loop: flush at its end
+            loop = self._loop
+            if loop is None:
+                import gevent
 
-    def _schedule_flush(self) -> None:
-        import gevent
-
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = gevent.get_hub().loop
-        self._pending = True
-        loop.run_callback(self._flush_pending)
+                loop = self._loop = gevent.get_hub().loop
+            self._pending = True
+            loop.run_callback(self._flush_pending)
 
     def _flush_pending(self) -> None:
         self._pending = False
         try:
-            self.flush()
+            self.stream.flush()  # from the hub, between greenlets: no line is half-written
         except Exception:  # noqa: BLE001 - a closed stdout must not take the proxy down
             pass
 
@@ -278,9 +277,13 @@ class Events:
     def enabled(self, level: int) -> bool:
         return self.logger.isEnabledFor(level)
 
-    def direct(self) -> tuple[BufferedStreamHandler, _Formatter] | None:
-        """The handler and formatter lines may be written to directly, if they are ours."""
-        handlers = self.logger.handlers
+    def direct(self, level: int = logging.INFO) -> tuple[BufferedStreamHandler, _Formatter] | None | bool:
+        """The handler and formatter lines may be written to directly, if they are ours;
+        False if lines of `level` are not logged at all, None to go through the logger."""
+        logger = self.logger
+        if not logger.isEnabledFor(level):
+            return False
+        handlers = logger.handlers
         handler = handlers[0] if len(handlers) == 1 else None
         formatter = getattr(handler, "formatter", None)
         if isinstance(handler, BufferedStreamHandler) and isinstance(formatter, _Formatter):
@@ -289,9 +292,9 @@ class Events:
 
     def write(self, level: int, message: str, fields: dict[str, Any]) -> None:
         logger = self.logger
-        if not logger.isEnabledFor(level):
+        direct = self.direct(level)
+        if direct is False:
             return
-        direct = self.direct()
         if direct is None:
             logger.log(level, message, extra=fields)
             return
@@ -303,6 +306,7 @@ class Events:
             logger.log(level, message, extra=fields)
 
 
+_LEVELS = {logging.DEBUG: "DEBUG", logging.INFO: "INFO", logging.WARNING: "WARNING", logging.ERROR: "ERROR"}
 _quote = json.encoder.encode_basestring_ascii  # C: a JSON string literal, non-ASCII escaped
 _QUOTED: dict[str, str] = {}
 
@@ -356,15 +360,15 @@ class Records:
         if self.activity is not None:
             self.activity.decided(flow, status, reason, error)
         events = self.events
-        if not events.enabled(level):
+        direct = events.direct(level)
+        if direct is False:
             return
-        direct = events.direct() if error is None else None
-        if direct is not None:
+        if direct is not None and error is None:
             # The line of every request, built in one go: the same JSON as event_line()
             # writes for the fields below (tests/test_observe.py holds them to it).
             handler, formatter = direct
             q = _quote
-            line = (f'{{"timestamp": "{formatter.rfc3339(time.time())}", "level": "{logging.getLevelName(level)}", '
+            line = (f'{{"timestamp": "{formatter.rfc3339(time.time())}", "level": "{_LEVELS.get(level) or logging.getLevelName(level)}", '
                     f'"message": "request", "conn": {q(flow.conn)}, "client": {q(flow.client)}, '
                     f'"listener": "{flow.listener}", "method": {q(flow.method)}, '
                     f'"identity": {q(flow.identity)}, "destination": {q(flow.destination)}, '
@@ -372,7 +376,7 @@ class Records:
             if flow.auth is not None:
                 line += f', "auth": "{flow.auth}"'
             if flow.address is not None:
-                line += f', "address": {q(str(flow.address))}'
+                line += f', "address": {q(address_text(flow.address))}'
             if flow.sni is not None:
                 line += f', "sni": {q(flow.sni)}'
             if flow.rule is not None:
@@ -392,7 +396,7 @@ class Records:
         if flow.auth is not None:
             fields["auth"] = flow.auth
         if flow.address is not None:
-            fields["address"] = str(flow.address)
+            fields["address"] = address_text(flow.address)
         if flow.sni is not None:
             fields["sni"] = flow.sni
         if flow.rule is not None:
@@ -417,9 +421,9 @@ class Records:
         self.flush_bytes(flow)
         ended_by = "idle timeout" if flow.idle and flow.ended_by == "closed" else flow.ended_by
         events = self.events
-        if not events.enabled(logging.INFO):
-            return
         direct = events.direct()
+        if direct is False:
+            return
         if direct is not None:  # as in decision(): the event_line() of the fields below
             handler, formatter = direct
             q = _quote

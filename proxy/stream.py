@@ -25,7 +25,8 @@ _hub: Any = None
 
 
 def hub() -> Any:
-    """The hub of the thread doing socket work (the main thread)."""
+    """The hub of the thread doing socket work (the main thread). (Hot paths read
+    `_hub or hub()`: a global read instead of a call, once it is known.)"""
     global _hub
     if _hub is None:
         _hub = gevent.get_hub()
@@ -44,7 +45,7 @@ class Stream:
         self.owned = readable is None  # watchers made here are closed here
         self.wrapper = wrapper  # the gevent socket this Stream is a view of, if any
         if readable is None:
-            readable = hub().loop.io(sock.fileno(), READ)
+            readable = (_hub or hub()).loop.io(sock.fileno(), READ)
         self.readable = readable
         self._writable = writable  # made when first needed: most sockets never wait to write
 
@@ -52,7 +53,7 @@ class Stream:
     def writable(self) -> Any:
         watcher = self._writable
         if watcher is None:
-            watcher = self._writable = hub().loop.io(self.sock.fileno(), WRITE)
+            watcher = self._writable = (_hub or hub()).loop.io(self.sock.fileno(), WRITE)
         return watcher
 
     @property
@@ -92,7 +93,7 @@ class Stream:
             try:
                 return sock.recv(size)
             except BlockingIOError:
-                hub().wait(self.readable)
+                (_hub or hub()).wait(self.readable)
 
     def send_all(self, data: bytes | memoryview) -> None:
         """Send everything, waiting while the kernel's buffer is full."""
@@ -105,7 +106,7 @@ class Stream:
             return
         view = memoryview(data)[sent:]
         while view:
-            hub().wait(self.writable)
+            (_hub or hub()).wait(self.writable)
             try:
                 view = view[sock.send(view):]
             except BlockingIOError:
@@ -122,7 +123,9 @@ class Stream:
             self.wrapper.close()
             return
         if self.owned:
-            self._close_watchers()
+            self.readable.close()
+            if self._writable is not None:
+                self._writable.close()
         self.sock.close()
 
     def _close_watchers(self) -> None:
@@ -137,9 +140,9 @@ def wait_readable(first: Stream, second: Stream | None = None) -> Stream:
     if first.tls and first.sock.pending():
         return first
     if second is None:
-        hub().wait(first.readable)
+        (_hub or hub()).wait(first.readable)
         return first
-    waiter = Waiter(hub())
+    waiter = Waiter(_hub or hub())
     first.readable.start(waiter.switch, first)
     second.readable.start(waiter.switch, second)
     try:

@@ -60,7 +60,8 @@ CURRENT = policy.load_policy_text(POLICY)
 def dial(resolver, key: str, host: str, port: int, timeout: float = 10.0):
     """(upstream socket, address dialled), as the proxy opens a tunnel for `key`."""
     flow = Flow("test")
-    flow.key, flow.host, flow.port = key, policy.parse_host(host), port
+    flow.key = key
+    flow.target(policy.parse_host(host), port)
     upstream = open_upstream(CURRENT, CURRENT.authenticate(key), flow, resolver, timeout, Sweeper(set(), 0))
     return upstream, flow.address
 
@@ -154,7 +155,8 @@ def test_every_failed_address_is_named(listener) -> None:
     listener.close()
     resolver = Resolver({"svc.example.com": ["127.0.0.2", "127.0.0.3"]})
     flow = Flow("test")
-    flow.key, flow.host, flow.port = "k2", policy.parse_host("svc.example.com"), port
+    flow.key = "k2"
+    flow.target(policy.parse_host("svc.example.com"), port)
     with pytest.raises(Refusal) as caught:
         open_upstream(CURRENT, CURRENT.authenticate("k2"), flow, resolver, 10.0, Sweeper(set(), 0))
     assert caught.value.error == (f"127.0.0.2:{port}: Connection refused; "

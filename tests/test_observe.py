@@ -110,7 +110,8 @@ def test_the_two_hot_lines_are_the_generic_lines() -> None:
         logger = configure_logging(logging.INFO, stream, buffered=direct)
         records = Records(Metrics(CollectorRegistry()), logger)
         flow = Flow("10.1.2.3:5555", "c0ffee-7")
-        flow.method, flow.host, flow.port, flow.identity = "CONNECT", parse_host("bücher.example"), 443, "web \"x\""
+        flow.method, flow.identity = "CONNECT", "web \"x\""
+        flow.target(parse_host("bücher.example"), 443)
         flow.address, flow.sni, flow.rule, flow.up, flow.down = ipaddress.ip_address("::1"), "a.b", "*.ü", 5, 7
         records.decision(flow, "sni_mismatch", 'reason with "quotes" and ü')
         records.tunnel_closed(flow)

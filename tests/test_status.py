@@ -31,7 +31,8 @@ class Clock:
 
 def flow(identity: str = "app", host: str = "api.example.com") -> Flow:
     made = Flow("10.0.0.1:5000")
-    made.identity, made.host, made.port = identity, policy.parse_host(host), 443
+    made.identity = identity
+    made.target(policy.parse_host(host), 443)
     return made
 
 

@@ -111,7 +111,7 @@ class FirstFlight:
         # The server's side.
         self._following = False  # a ClientHello went out: read the server's answer
         self._server_done = False
-        self._answers = ServerAnswers()
+        self._answers: ServerAnswers | None = ServerAnswers()
 
     @property
     def done(self) -> bool:
@@ -300,7 +300,9 @@ class FirstFlight:
         having first updated what the client may send next."""
         if self.server_done or not self._following or not data:
             return data
-        for answer in self._answers.feed(data):
+        answers = self._answers
+        assert answers is not None  # until the server is done
+        for answer in answers.feed(data):
             if answer is NOT_TLS:
                 self._not_tls()
                 break
@@ -308,7 +310,7 @@ class FirstFlight:
             if self._server_done:
                 break
         if self._server_done:
-            self._answers = ServerAnswers()  # nothing more to read: let its buffers go
+            self._answers = None  # nothing more to read: let its buffers go
         return data
 
     def _answered(self, answer: ServerHello) -> None:
