@@ -23,7 +23,7 @@ from .addresses import DEFAULT_FORBIDDEN, ForbiddenRanges, NetworkError, network
 from .certificates import EntryError, parse_entry
 from .destinations import DestinationError, parse_destination
 from .expectations import Expectation, parse_tests, run_tests
-from .model import MODES, Identity, Policy, PolicyError, Rule, key_digest
+from .model import MODES, Identity, Policy, PolicyError, Rule, key_digest, release
 from .problems import show, type_name, unknown_keys
 
 __all__ = ["load_policy_file", "load_policy_text", "warnings"]
@@ -67,6 +67,7 @@ def load_policy_text(text: str, source: str = "<policy>") -> Policy:
     data, problems = _parse_yaml(text, source)
     compiler = _Compiler(problems)
     policy = compiler.compile(data, digest)
+    _let_go(data)
     if problems or policy is None:
         raise PolicyError(problems, source)
     # The tests: section is judged only against a policy that is otherwise valid.
@@ -74,6 +75,17 @@ def load_policy_text(text: str, source: str = "<policy>") -> Policy:
     if failures:
         raise PolicyError(failures, source)
     return policy
+
+
+def _let_go(data: Any) -> None:
+    """Free the parsed document one identity at a time. Freeing a container is C code that
+    holds the GIL until everything inside it is gone: a 100,000-destination document
+    dropped whole would stop the proxy's event loop (reloads run in a thread) for tens of
+    milliseconds; piece by piece, the loop gets the GIL back in between."""
+    identities = data.get("identities") if isinstance(data, dict) else None
+    if isinstance(identities, dict):
+        while identities:
+            identities.popitem()
 
 
 # --- YAML -------------------------------------------------------------------------------
@@ -350,15 +362,17 @@ class _Compiler:
         rules = self.destinations(where, raw, report=mode == "report")
         if len(self.problems) > start:
             return None
-        return Identity(
+        identity = Identity(
             name=name,
             mode=mode,
             require_tls=options["require_tls"],
             allow_http=options["allow_http"],
             max_tunnels=max_tunnels,
-            rules=tuple(rules),
+            rules=rules,
             certificates=certificates,
         )
+        release(rules)  # the Rule values are not kept (model.release says why this way)
+        return identity
 
     def identity_name(self, name: Any) -> None:
         if not isinstance(name, str):

@@ -18,7 +18,7 @@ from array import array
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .addresses import (
     DEFAULT_FORBIDDEN,
@@ -137,7 +137,24 @@ def _index(pairs: Iterable[tuple[str, int]]) -> dict[str, int | tuple[int, ...]]
     grouped: dict[str, list[int]] = {}
     for key, number in pairs:
         grouped.setdefault(key, []).append(number)
-    return {key: numbers[0] if len(numbers) == 1 else tuple(numbers) for key, numbers in grouped.items()}
+    index = {key: numbers[0] if len(numbers) == 1 else tuple(numbers) for key, numbers in grouped.items()}
+    release(grouped)
+    return index
+
+
+def release(*containers: list[Any] | set[Any] | dict[Any, Any]) -> None:
+    """Empty big temporary containers one item at a time. Freeing a container is one C
+    call that holds the GIL until every item in it is gone: policies compile in a thread
+    while the event loop serves tunnels, and dropping 100,000 rule tuples at once stops
+    the loop for tens of milliseconds (a reload stall); item by item, it gets the GIL
+    back in between."""
+    for container in containers:
+        if isinstance(container, dict):
+            while container:
+                container.popitem()
+        else:
+            while container:
+                container.pop()
 
 
 class Identity:
@@ -161,7 +178,7 @@ class Identity:
                  max_tunnels: int | None = None, rules: Iterable[Rule] = (), certificates: Iterable[str] = ()) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}")
-        kept = tuple(rules)
+        kept = list(rules)
         texts = tuple(rule.text for rule in kept)
         targets = tuple(rule.target for rule in kept)
         kinds = bytes(RULE_KINDS.index(rule.kind) for rule in kept)
@@ -186,6 +203,7 @@ class Identity:
         }
         for field_name, value in fields.items():
             object.__setattr__(self, field_name, value)
+        release(kept, numbered, seen)  # Rule values are not kept: built again when asked for
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"Identity is immutable (cannot set {name!r})")

@@ -211,3 +211,18 @@ def test_large_heads_are_not_remembered_and_the_memory_is_bounded(monkeypatch: p
     request = http.parse_head(head("h19.example.com:443", "key-19"))
     assert http.proxy_credentials(request) == "key-19"
     assert len(http._credentials) <= 4  # noqa: SLF001
+
+
+def test_release_empties_big_temporaries_item_by_item() -> None:
+    from policy.model import Identity, release
+    from policy.destinations import parse_destination
+
+    rules = [parse_destination(f"h{number}.example.com") for number in range(1000)]
+    items, seen, index = list(range(10)), set(range(10)), {n: n for n in range(10)}
+    release(items, seen, index)
+    assert items == [] and seen == set() and index == {}
+    identity = Identity(name="many", rules=rules)
+    release(rules)
+    assert rules == []  # the caller's list is emptied; the identity keeps what it needs
+    assert identity.rule_count == 1000
+    assert identity.match(parse_host("h999.example.com"), 443).text == "h999.example.com"
