@@ -116,7 +116,8 @@ class Proxy:
                                  spawn=self.connections.spawn, backlog=4096), "PROXY_PORT", settings.proxy_port)
         if self.server_tls is not None:
             self._start(TLSListener((settings.proxy_host, settings.proxy_tls_port), self.handle, self.server_tls,
-                                    spawn=self.connections.spawn, backlog=4096), "PROXY_TLS_PORT", settings.proxy_tls_port)
+                                    spawn=self.connections.spawn, backlog=4096),
+                        "PROXY_TLS_PORT", settings.proxy_tls_port)
 
     def _start(self, server: Listener, variable: str, port: int) -> None:
         try:

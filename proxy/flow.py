@@ -22,8 +22,8 @@ from policy import Host, Question, Status, Verdict
 from policy.addresses import IPAddress as Address
 from policy.addresses import IPv6Address
 
-UNAUTHENTICATED = "-"
-_new = tuple.__new__  # a NamedTuple without its Python-level __new__  # the identity of a request before (or without) authentication
+UNAUTHENTICATED = "-"  # the identity of a request before (or without) authentication
+_new = tuple.__new__  # builds a NamedTuple without its Python-level __new__
 
 # Connection ids: a per-process prefix (so two replicas' or two runs' ids differ) and a
 # counter, e.g. "3fa9c1-17": short to read and to grep, unique within the logs of a fleet.

@@ -274,9 +274,6 @@ class Events:
     def __init__(self, logger: logging.Logger) -> None:
         self.logger = logger
 
-    def enabled(self, level: int) -> bool:
-        return self.logger.isEnabledFor(level)
-
     def direct(self, level: int = logging.INFO) -> tuple[BufferedStreamHandler, _Formatter] | None | bool:
         """The handler and formatter lines may be written to directly, if they are ours;
         False if lines of `level` are not logged at all, None to go through the logger."""
@@ -368,7 +365,8 @@ class Records:
             # writes for the fields below (tests/test_observe.py holds them to it).
             handler, formatter = direct
             q = _quote
-            line = (f'{{"timestamp": "{formatter.rfc3339(time.time())}", "level": "{_LEVELS.get(level) or logging.getLevelName(level)}", '
+            level_name = _LEVELS.get(level) or logging.getLevelName(level)
+            line = (f'{{"timestamp": "{formatter.rfc3339(time.time())}", "level": "{level_name}", '
                     f'"message": "request", "conn": {q(flow.conn)}, "client": {q(flow.client)}, '
                     f'"listener": "{flow.listener}", "method": {q(flow.method)}, '
                     f'"identity": {q(flow.identity)}, "destination": {q(flow.destination)}, '

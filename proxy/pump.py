@@ -106,9 +106,9 @@ def relay(client: Stream, upstream: Stream, flow: Flow, first: Callable[[bytes],
 
     This greenlet copies client -> upstream; a second, raw greenlet (no Greenlet
     bookkeeping: links, exception records; a parked one reused, proxy/connections.py)
-    copies upstream -> client and reports back through a Waiter when it ends. `first` (with `.done`), if given, judges the client's
-    first bytes before they go on (proxy/handshake.py: LateFirstBytes); `judged` is
-    called once it is done. A Refusal it raises is answered to the client here, before
+    copies upstream -> client and reports back through a Waiter when it ends. `first`
+    (with `.done`), if given, judges the client's first bytes before they go on
+    (proxy/handshake.py: LateFirstBytes); `judged` is called once it is done. A Refusal it raises is answered to the client here, before
     both sides are shut, and then raised.
     """
     done = Waiter(hub())
