@@ -129,3 +129,29 @@ def test_a_large_policy_gives_the_collector_almost_nothing_to_track(tmp_path: Pa
     # Not one object per rule (the host-name cache holds at most 4,096 entries).
     assert tracked < 5_000, f"{tracked} tracked objects for a 20,001-rule policy"
     assert big.identities["big"].match(policy.parse_host("host7.big.example.test"), 443) is not None
+
+
+def test_the_replaced_snapshot_is_freed_once_the_reload_is_done(tmp_path: Path) -> None:
+    """The old snapshot is let go a loop turn after the swap (proxy/reload.py), not kept:
+    by reference counting alone, with the remembered verdicts on it."""
+    path = tmp_path / "policy.yaml"
+    reloader = reloader_for(path, big_policy(2_000))
+    old = reloader.admission.policy
+    policy.judge(old, "big-key", policy.Question(policy.parse_host("host7.big.example.test"), 443))
+    assert old.verdicts  # the memory goes with the snapshot
+
+    class Probe:  # a Policy takes no weak reference: something only it holds does
+        pass
+
+    probe = Probe()
+    old.verdicts[("probe",)] = (None, probe)
+    gone = weakref.ref(probe)
+    del old, probe
+    write(path, SMALL)
+    gc.disable()  # reference counting alone must free it
+    try:
+        reloader.request("SIGHUP")
+        assert gone() is None, "the replaced snapshot is still alive after the reload"
+    finally:
+        gc.enable()
+    assert reloader.admission.policy.identities["big"].rule_count == 1
