@@ -5,7 +5,7 @@
  * usage: loadgen -m MODE (-x PROXY_HOST:PORT | -D) -t TARGET_HOST:PORT
  *                [-u USER[:PASS]] [-c CONC] [-d SECONDS] [-r RAMP_S]
  *                [-n BYTES] [-s SNI] [-T OP_TIMEOUT_S] [-i MAX_INFLIGHT]
- *                [-H HELLO_OUT_FILE] [-A AUTHORITY] [-S CAFILE] [-q]
+ *                [-H HELLO_OUT_FILE] [-A AUTHORITY] [-S CAFILE] [-N] [-q]
  *        loadgen -V   (features: built with TLS or not, OpenSSL version; JSON)
  *
  * modes:
@@ -27,6 +27,8 @@
  *    Every connection makes a full handshake: no session is resumed (what Go's
  *    and Python's clients do by default; curl resumes within one process).
  *    Needs a build with -DLOADGEN_TLS (-lssl -lcrypto); without it -S exits 2.
+ * -N (proxy mode only): a new request head for every connection (an X-Seq header
+ *    with a counter), so a proxy that remembers heads it has seen never sees one twice.
  * Output: one JSON object on the last stdout line.
  */
 #include "common.h"
@@ -66,6 +68,8 @@ struct conn {
     uint64_t t0, tdl;
     uint32_t off, hlen;
     char hbuf[HBUF];
+    char *req;      /* -N: this connection's own request head (else the shared one) */
+    uint32_t reqlen;
     uint8_t *rbuf;
 #ifdef LOADGEN_TLS
     SSL *ssl; /* the session with the proxy (-S), NULL otherwise */
@@ -82,6 +86,9 @@ static int conc = 64;
 static double duration = 5.0, ramp = 0.5, op_timeout = 5.0;
 static int plen = 64, max_inflight = 256;
 static const char *sni = "api.example.com";
+static int new_heads = 0;          /* -N */
+static unsigned long head_seq = 0; /* -N: the X-Seq of the next head */
+static char auth_line[600] = "";   /* Proxy-Authorization line, or empty */
 static char *user = NULL;
 static const char *tls_ca = NULL; /* -S: TLS to the proxy, verified against this CA file */
 
@@ -492,12 +499,25 @@ static int drive(int i, uint32_t events) {
             c->off = 0;
             break;
 #endif
-        case S_SEND_REQ:
-            n = conn_send(c, req + c->off, reqlen - c->off);
+        case S_SEND_REQ: {
+            const char *head = req;
+            size_t head_len = reqlen;
+            if (new_heads) {
+                if (c->off == 0) {
+                    if (!c->req) c->req = malloc(1024);
+                    c->reqlen = (uint32_t)snprintf(c->req, 1024,
+                        "CONNECT %s HTTP/1.1\r\nHost: %s\r\n%sX-Seq: %lu\r\nUser-Agent: bench-loadgen/1\r\n\r\n",
+                        target_str, target_str, auth_line, head_seq++);
+                }
+                head = c->req;
+                head_len = c->reqlen;
+            }
+            n = conn_send(c, head + c->off, head_len - c->off);
             if (!io_ok(i, n, NULL, "send CONNECT failed")) return 0;
             c->off += (uint32_t)n;
-            if (c->off == reqlen) { c->state = S_READ_RESP; c->hlen = 0; }
+            if (c->off == head_len) { c->state = S_READ_RESP; c->hlen = 0; }
             break;
+        }
         case S_READ_RESP: {
             n = conn_recv(c, c->hbuf + c->hlen, HBUF - 1 - c->hlen);
             if (!io_ok(i, n, "proxy closed before CONNECT response", "recv CONNECT response failed")) return 0;
@@ -591,7 +611,7 @@ static void serve_queued(int i) {
 int main(int argc, char **argv) {
     const char *proxy = NULL, *target = NULL, *hello_out = NULL;
     int opt;
-    while ((opt = getopt(argc, argv, "m:x:Dt:u:c:d:r:n:s:T:i:H:A:S:Vqh")) != -1) {
+    while ((opt = getopt(argc, argv, "m:x:Dt:u:c:d:r:n:s:T:i:H:A:S:NVqh")) != -1) {
         switch (opt) {
         case 'm':
             for (int k = 0; k < 5; k++) if (!strcmp(optarg, mode_names[k])) mode = k;
@@ -611,6 +631,7 @@ int main(int argc, char **argv) {
         case 'H': hello_out = optarg; break;
         case 'A': authority = optarg; break;
         case 'S': tls_ca = optarg; break;
+        case 'N': new_heads = 1; break;
         case 'V':
 #ifdef LOADGEN_TLS
             printf("{\"tls\":true,\"openssl\":\"%s\"}\n", OpenSSL_version(OPENSSL_VERSION));
@@ -683,16 +704,15 @@ int main(int argc, char **argv) {
 
     /* CONNECT request, built once */
     req = malloc(2048);
-    char auth[600] = "";
     if (user) {
         char cred[300], enc[420];
         if (strchr(user, ':')) snprintf(cred, sizeof cred, "%s", user);
         else snprintf(cred, sizeof cred, "%s:x", user);
         b64(cred, enc);
-        snprintf(auth, sizeof auth, "Proxy-Authorization: Basic %s\r\n", enc);
+        snprintf(auth_line, sizeof auth_line, "Proxy-Authorization: Basic %s\r\n", enc);
     }
     reqlen = (size_t)snprintf(req, 2048, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n%sUser-Agent: bench-loadgen/1\r\n\r\n",
-                              target_str, target_str, auth);
+                              target_str, target_str, auth_line);
 
     payload = malloc((size_t)plen);
     if (mode == M_TLS) memcpy(payload, hello, hello_len);

@@ -214,6 +214,8 @@ def loadgen_argv(a, mode, proxy_port, direct, target, conc, duration, ramp, auth
             argv += ["-A", authority]
         if ca:  # TLS to the proxy, its certificate verified against this CA
             argv += ["-S", ca]
+        if a.new_heads:  # every connection's head differs (X-Seq): nothing is parsed from memory
+            argv.append("-N")
     return pinned(a.gen_cpu, argv)
 
 
@@ -1112,6 +1114,10 @@ def parse_args(argv=None):
     ap.add_argument("--socket-policy-size", type=int, default=0,
                     help="run the socket modes with the bench identities inside a generated policy of N "
                          "destinations (default 0: just the two bench identities)")
+    ap.add_argument("--new-heads", action="store_true",
+                    help="loadgen sends a new request head on every connection (an X-Seq counter), for "
+                         "every proxy: egress-guard then parses every head and reads every key afresh "
+                         "(its memory of heads seen before never hits)")
     ap.add_argument("--reloads", type=int, default=None, help="reloads in the stall run (default 5, quick 1)")
     ap.add_argument("--stall-tunnels", type=int, default=4)
     ap.add_argument("--stall-pace-ms", type=float, default=1.0)
@@ -1212,6 +1218,8 @@ def main(argv=None):
         load1 = 0.0
     if load1 > 0.5:
         notes.append("load average %.2f at start: something else is running on this machine" % load1)
+    if a.new_heads:
+        notes.append("--new-heads: a new request head on every connection (no head is ever seen twice)")
         log("note: " + notes[-1])
     log("modes: %s%s" % (",".join(a.modes), " (quick)" if a.quick else ""))
 
